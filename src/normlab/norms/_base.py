@@ -1,0 +1,189 @@
+"""What every normlab norm shares: its spec, input checks with clear errors, and the registry.
+
+A norm is one file that defines a class with a ``spec`` and decorates it with
+``@register_norm("name")``, plus one import line in ``normlab/norms/__init__.py``. The contract
+test-suite reads the spec to build inputs, so a new norm is tested without further edits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from normlab.registry import Registry
+
+Layout = Literal["last", "channel"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormSpec:
+    """Facts about a norm that tools (the contract suite, the CLI, blocks) rely on.
+
+    Attributes:
+        paper: short citation with the arXiv id (or "PyTorch" for plain torch semantics).
+        layout: ``"last"``: features are the last dimension, input ``(*, C)``;
+            ``"channel"``: features are dimension 1, input ``(N, C, *)``. Norms with a
+            ``channels_first`` option switch from ``"last"`` to ``"channel"`` with it.
+        batch_stats: the training output of a sample depends on the other samples.
+        running_stats: keeps ``running_mean``/``running_var`` buffers used in eval.
+        elementwise: no reduction at all: the output of an element depends on that element only.
+        min_ndim: the smallest input rank accepted.
+        needs: construction context the caller must supply (``"layer_idx"`` for LNS).
+        example_kwargs: keyword arguments that make a small working instance (tests, demo).
+    """
+
+    paper: str
+    layout: Layout = "last"
+    batch_stats: bool = False
+    running_stats: bool = False
+    elementwise: bool = False
+    min_ndim: int = 1
+    needs: tuple[str, ...] = ()
+    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class NormMixin:
+    """Shared behaviour of normlab norms: descriptive errors and input validation.
+
+    Mixed into ``nn.Module`` subclasses (first in the MRO, before the torch base class).
+    """
+
+    spec: ClassVar[NormSpec]
+    num_features: int
+    # Set by :func:`label_modules`; used to name the layer in error messages.
+    qualified_name: str | None = None
+
+    @property
+    def channel_dim(self) -> int:
+        """The input dimension that holds the features (1 or -1)."""
+        if self.spec.layout == "channel" or getattr(self, "channels_first", False):
+            return 1
+        return -1
+
+    def _where(self) -> str:
+        name = type(self).__name__
+        return f"{name} {self.qualified_name!r}" if self.qualified_name else name
+
+    def _fail(self, message: str) -> NoReturn:
+        raise ValueError(f"{self._where()}: {message}")
+
+    def _check_input(self, x: Tensor) -> None:
+        """Reject non-float input, too few dimensions, or the wrong feature size."""
+        if not x.is_floating_point():
+            self._fail(f"expected a floating-point input, got dtype {x.dtype}")
+        trailing = tuple(getattr(self, "normalized_shape", ()))
+        if len(trailing) > 1:  # LayerNorm/RMSNorm over several trailing dimensions
+            if tuple(x.shape[-len(trailing) :]) != trailing:
+                self._fail(f"expected an input ending in {trailing}, got shape {tuple(x.shape)}")
+            return
+        min_ndim = max(self.spec.min_ndim, 2 if self.channel_dim == 1 else 1)
+        if x.dim() < min_ndim:
+            self._fail(f"expected an input with at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+        if x.shape[self.channel_dim] != self.num_features:
+            where = "dimension 1" if self.channel_dim == 1 else "the last dimension"
+            self._fail(
+                f"expected {self.num_features} features in {where}, "
+                f"got {x.shape[self.channel_dim]} (input shape {tuple(x.shape)})"
+            )
+
+
+def check_eps(owner: str, eps: float) -> float:
+    """``eps`` must be a finite number > 0: eps=0 turns constant inputs into NaN."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{owner}: eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def check_num_features(owner: str, num_features: int) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+    return num_features
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, else the input dtype: statistics never run in fp16/bf16."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def channel_view(p: Tensor, x: Tensor, channel_dim: int) -> Tensor:
+    """``p`` of shape ``(C,)`` viewed to broadcast against ``x`` along ``channel_dim``."""
+    if channel_dim == -1:
+        return p
+    return p.view(-1, *([1] * (x.dim() - 2)))
+
+
+def label_modules(model: nn.Module) -> int:
+    """Record each normlab norm's qualified name inside ``model`` for error messages.
+
+    After ``label_modules(model)``, an error raised by ``model.encoder.layers[3].norm`` says
+    ``BatchNorm 'encoder.layers.3.norm': ...``. Returns the number of norms labelled.
+    """
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, NormMixin):
+            module.qualified_name = name or None
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# The registry and the factory
+
+NORMS: Registry[type[nn.Module]] = Registry("norm")
+M = TypeVar("M", bound=type[nn.Module])
+
+
+def register_norm(name: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """Class decorator: register a norm under ``name`` (canonical, snake_case) and ``aliases``."""
+
+    def decorator(cls: M) -> M:
+        if not isinstance(getattr(cls, "spec", None), NormSpec):
+            raise TypeError(f"{cls.__name__} needs a class attribute `spec = NormSpec(...)` to be registered")
+        NORMS.register(name, aliases=aliases)(cls)
+        cls.registry_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+NormLayer = str | type[nn.Module] | functools.partial[nn.Module] | None
+
+
+def get_norm_layer(layer: NormLayer) -> Any:
+    """Resolve a norm given by name, class or ``functools.partial`` to something callable.
+
+    Names are case-, ``_``- and ``-``-insensitive and may be aliases; ``None`` gives
+    :class:`normlab.norms.identity.Identity`. A class or partial is returned unchanged.
+
+    Raises:
+        ValueError: an unknown name (the message lists close matches), or an unsupported type.
+    """
+    if layer is None:
+        return NORMS.get("identity")
+    if isinstance(layer, str):
+        return NORMS.get(layer)
+    if isinstance(layer, functools.partial) or (isinstance(layer, type) and issubclass(layer, nn.Module)):
+        return layer
+    raise ValueError(f"norm layer must be a name, an nn.Module class or a functools.partial, got {layer!r}")
+
+
+def create_norm(layer: NormLayer, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build a norm: ``create_norm("rmsnorm", 512, eps=1e-6)``.
+
+    Args:
+        layer: a registered name, an ``nn.Module`` class or a ``functools.partial`` of one.
+        num_features: the feature (channel) count, passed first as every normlab norm expects.
+        **kwargs: keyword options of that norm (``eps``, ``num_groups``, ``layer_idx``, ...).
+    """
+    return get_norm_layer(layer)(num_features, **kwargs)  # type: ignore[no-any-return]
+
+
+def list_norms() -> list[str]:
+    """Canonical names of every registered norm, sorted."""
+    return NORMS.names()

@@ -1,0 +1,130 @@
+"""BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167) for inputs of any rank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+
+
+@register_norm("batchnorm", aliases=("bn", "batch_norm"))
+class BatchNorm(NormMixin, _BatchNorm):
+    """BatchNorm over every dimension but the channel dimension 1, for ``(N, C, *)`` inputs.
+
+    Training: ``y = (x - mean_B) / sqrt(var_B + eps) * weight + bias`` with the biased batch
+    variance; eval: the running statistics replace the batch ones. Running statistics follow
+    **PyTorch's momentum convention**: ``running = (1 - momentum) * running + momentum * batch``
+    (``momentum`` weighs the *new* batch; Keras/flax's 0.99 corresponds to 0.01 here), and
+    ``running_var`` stores the unbiased batch variance (``var_B * n / (n - 1)``).
+    ``momentum=None`` gives the cumulative average over ``num_batches_tracked`` batches.
+
+    Unlike ``torch.nn.BatchNorm*d``, a batch whose statistics are not finite (a NaN or inf in
+    the input) leaves the running statistics and ``num_batches_tracked`` untouched; the
+    ``skipped_updates`` buffer (not saved in the state_dict) counts such batches. The update is
+    written with tensor operations only, so ``torch.compile(fullgraph=True)`` works with
+    ``momentum=None`` too. A subclass of torch's ``_BatchNorm``: the state_dict keys are
+    torch's, checkpoints load both ways, ``isinstance(m, nn.modules.batchnorm._BatchNorm)`` holds.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance, > 0.
+        momentum: weight of the new batch in the running statistics, in [0, 1], or ``None``.
+        affine: learn ``weight`` (init 1) and, if ``bias``, ``bias`` (init 0).
+        track_running_stats: keep running statistics; if False, batch statistics are used in
+            eval too.
+        bias: learn ``bias`` (with ``affine``).
+
+    Shape: ``(N, C, *)`` -> same shape and dtype.
+    """
+
+    spec = NormSpec(
+        paper="Ioffe & Szegedy 2015, arXiv:1502.03167",
+        layout="channel",
+        batch_stats=True,
+        running_stats=True,
+        min_ndim=2,
+    )
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        bias: bool = True,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        owner = type(self).__name__
+        check_num_features(owner, num_features)
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        super().__init__(
+            num_features,
+            check_eps(owner, eps),
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+        )
+        self.register_buffer(
+            "skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False  # type: ignore[arg-type]
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        self._check_input(input)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if hasattr(self, "skipped_updates"):
+            self.skipped_updates.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        count = math.prod(x.shape) // self.num_features  # values per channel
+        if use_batch_stats and count == 1:
+            self._fail(
+                f"expected more than 1 value per channel when using batch statistics, got input of shape "
+                f"{tuple(x.shape)}; use a batch of >= 2 samples, call .eval(), or use a per-sample "
+                "norm (GroupNorm, LayerNorm)"
+            )
+        if self.training and self.track_running_stats and count > 1:
+            self._update_running_stats(x)
+        return F.batch_norm(
+            x,
+            None if use_batch_stats else self.running_mean,
+            None if use_batch_stats else self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            0.0,
+            self.eps,
+        )
+
+    @torch.no_grad()
+    def _update_running_stats(self, x: Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=dims, correction=1)
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
+            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
+        else:
+            factor = self.momentum
+        new_mean = self.running_mean * (1 - factor) + mean.to(self.running_mean.dtype) * factor
+        new_var = self.running_var * (1 - factor) + var.to(self.running_var.dtype) * factor
+        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
+        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
+        self.num_batches_tracked.add_(ok.long())
+        self.skipped_updates.add_((~ok).long())

@@ -1,0 +1,100 @@
+"""DyT, Dynamic Tanh (Zhu, Chen, He, LeCun & Liu, CVPR 2025, arXiv:2503.10622)."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from normlab import functional as NF
+from normlab.norms._base import NormSpec, register_norm
+from normlab.norms._pointwise import PointwiseNorm
+
+# Paper Table 11 (widths 1024..8192, identical for depths 8-64) and Table 10 (13B, width 5120):
+# width -> (alpha0 of the attention DyT, alpha0 of the other DyTs: pre-FFN and final).
+_LLM_ALPHA_TABLE: tuple[tuple[int, float, float], ...] = (
+    (1024, 1.0, 1.0),
+    (2048, 1.0, 0.5),
+    (4096, 0.8, 0.2),
+    (5120, 0.6, 0.15),
+    (8192, 0.2, 0.05),
+)
+
+
+def dyt_alpha_init(width: int, site: Literal["attn", "other"] = "attn") -> float:
+    """alpha0 for a DyT in an LLM of model width ``width`` (paper Tables 10-11).
+
+    Width, not depth, sets alpha0. ``site="attn"`` is the DyT before attention; ``"other"`` the
+    one before the FFN and the final one. Between tabulated widths the next larger width's row
+    is used (wider needs smaller alpha0, so rounding up is the safe side); beyond 8192 the
+    8192 row. Non-LLM models use the default 0.5.
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+        raise ValueError(f"dyt_alpha_init: width must be a positive int, got {width!r}")
+    if site not in ("attn", "other"):
+        raise ValueError(f"dyt_alpha_init: site must be 'attn' or 'other', got {site!r}")
+    widths = [row[0] for row in _LLM_ALPHA_TABLE]
+    row = _LLM_ALPHA_TABLE[min(bisect.bisect_left(widths, width), len(widths) - 1)]
+    return row[1] if site == "attn" else row[2]
+
+
+@register_norm("dyt", aliases=("dynamic_tanh",))
+class DyT(PointwiseNorm):
+    """Dynamic Tanh: ``y = weight * tanh(alpha * x) + bias`` with one learned scalar ``alpha``.
+
+    No statistics: a drop-in replacement for LayerNorm/RMSNorm in transformers (not for
+    BatchNorm in ConvNets, where the paper reports a loss). Init as the official code:
+    ``alpha = alpha_init`` (shape ``(1,)``), ``weight = 1``, ``bias = 0``. The LLaMA variant has no
+    bias (``bias=False``) and per-site alpha0, see :func:`dyt_alpha_init`.
+
+    Args:
+        num_features: number of features ``C``.
+        alpha_init: initial ``alpha``; 0.5 for non-LLM models (paper §7).
+        elementwise_affine: learn per-feature ``weight`` and ``bias``; if False, ``y = tanh(alpha * x)``.
+        bias: learn ``bias`` (with ``elementwise_affine``).
+        channels_first: features are dimension 1 of ``(N, C, *)`` (ConvNeXt-style feature maps).
+
+    Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first`` -> same shape and dtype.
+    """
+
+    spec = NormSpec(paper="Zhu et al. 2025, arXiv:2503.10622", layout="last", elementwise=True)
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        alpha_init: float = 0.5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        channels_first: bool = False,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            elementwise_affine=elementwise_affine,
+            bias=bias,
+            channels_first=channels_first,
+            device=device,
+            dtype=dtype,
+        )
+        self.alpha_init = float(alpha_init)
+        self.alpha = self.scalar(self.alpha_init, device, dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.dyt(x, self.alpha, self.weight, self.bias, channel_dim=self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self._affine_repr()}, alpha_init={self.alpha_init}"
+
+
+__all__ = ["DyT", "dyt_alpha_init"]

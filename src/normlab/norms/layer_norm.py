@@ -1,0 +1,66 @@
+"""LayerNorm (Ba, Kiros & Hinton 2016, arXiv:1607.06450)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+
+
+@register_norm("layernorm", aliases=("ln", "layer_norm"))
+class LayerNorm(NormMixin, nn.LayerNorm):
+    """LayerNorm: per-sample statistics over the feature dimensions.
+
+    ``y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias``, with the biased variance and
+    ``eps`` inside the square root; the same computation in training and eval. A subclass of
+    ``torch.nn.LayerNorm``: same parameters, same state_dict keys, same fused kernel.
+
+    Args:
+        num_features: size of the last dimension, or a tuple of trailing dimensions
+            (``torch``'s ``normalized_shape``).
+        eps: added to the variance, > 0.
+        elementwise_affine: learn ``weight`` (init 1) and, if ``bias``, ``bias`` (init 0).
+        bias: learn an additive ``bias``.
+        channels_first: normalize over dimension 1 of ``(N, C, *)`` input (ConvNeXt's
+            ``LayerNorm2d``) instead of the last dimension.
+
+    Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first``; output has the input shape and dtype.
+    """
+
+    spec = NormSpec(paper="Ba et al. 2016, arXiv:1607.06450", layout="last")
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        channels_first: bool = False,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        for n in shape:
+            check_num_features(type(self).__name__, n)
+        if channels_first and len(shape) != 1:
+            raise ValueError(f"{type(self).__name__}: channels_first needs an int num_features, got {shape}")
+        super().__init__(
+            shape, check_eps(type(self).__name__, eps), elementwise_affine, bias, device=device, dtype=dtype
+        )
+        self.num_features = math.prod(shape)
+        self.channels_first = channels_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.channels_first:
+            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return y.movedim(-1, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_first=True" if self.channels_first else "")

@@ -1,0 +1,102 @@
+"""LayerNorm Scaling, LNS (Sun et al., "The Curse of Depth in Large Language Models", arXiv:2502.05795)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab import functional as NF
+from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+
+_DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
+
+
+@register_norm("lns", aliases=("layernorm_scaling", "layer_norm_scaling"))
+class LayerNormScaling(NormMixin, nn.Module):
+    """A LayerNorm or RMSNorm whose output is scaled by ``1 / sqrt(layer_idx + 1)``.
+
+    ``y = base_norm(x) / sqrt(l)`` with ``l = layer_idx + 1`` the 1-based index of the block
+    the norm sits in: both pre-norms of block ``l`` use the same factor; the model's final norm
+    is not scaled (use a plain norm there), and LNS is meant for Pre-LN with plain (not
+    depth-scaled) init. The factor is a Python float, not a buffer, so meta-device init and
+    ``to_empty()`` cannot wipe it; it is folded into ``weight``/``bias`` (an op on ``C``
+    values), so scaling costs no extra pass over the activations. Parameters and state_dict
+    keys are those of the base norm: a LayerNorm/RMSNorm checkpoint loads unchanged.
+
+    Args:
+        num_features: size of the last dimension.
+        layer_idx: 0-based index of the block (``0`` gives the plain base norm).
+        base: ``"layernorm"`` or ``"rmsnorm"`` (LLaMA-style, eps inside the square root).
+        eps: > 0; default 1e-5 for LayerNorm and 1e-6 for RMSNorm.
+        elementwise_affine: learn ``weight`` (init 1) and, if ``bias``, ``bias`` (init 0).
+        bias: learn ``bias``; default True for LayerNorm, False for RMSNorm.
+
+    Shape: ``(*, C)`` -> same shape and dtype.
+    """
+
+    spec = NormSpec(
+        paper="Sun et al. 2025, arXiv:2502.05795",
+        layout="last",
+        needs=("layer_idx",),
+        example_kwargs={"layer_idx": 3},
+    )
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        layer_idx: int,
+        base: Literal["layernorm", "rmsnorm"] = "layernorm",
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        bias: bool | None = None,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.num_features = check_num_features(owner, num_features)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"{owner}: layer_idx must be a 0-based int >= 0, got {layer_idx!r}")
+        if base not in _DEFAULT_EPS:
+            raise ValueError(f"{owner}: base must be 'layernorm' or 'rmsnorm', got {base!r}")
+        self.layer_idx = layer_idx
+        self.base = base
+        self.scale = 1.0 / math.sqrt(layer_idx + 1)
+        self.eps = check_eps(owner, _DEFAULT_EPS[base] if eps is None else eps)
+        self.elementwise_affine = elementwise_affine
+        with_bias = (base == "layernorm") if bias is None else bias
+        kw: dict[str, object] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine else None  # type: ignore[arg-type]
+        self.bias = (
+            nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine and with_bias else None  # type: ignore[arg-type]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        s = self.scale
+        w = None if self.weight is None else self.weight * s
+        b = None if self.bias is None else self.bias * s
+        shape = (self.num_features,)
+        if self.base == "layernorm":
+            y = F.layer_norm(x, shape, w, b, self.eps)
+        else:
+            y = NF.rms_norm(x, shape, w, b, self.eps)
+        return y * s if w is None else y
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, layer_idx={self.layer_idx}, base={self.base!r}, eps={self.eps}"
+        if not self.elementwise_affine:
+            s += ", elementwise_affine=False"
+        return s + f", scale={self.scale:.4f}"
