@@ -55,7 +55,9 @@ def rms_norm(
     return y.to(x.dtype)
 
 
-def _pointwise_affine(u: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int) -> Tensor:
+def _pointwise_affine(
+    u: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
+) -> Tensor:
     if channel_dim != -1:
         shape = (-1, *([1] * (x.dim() - 2)))
         weight = None if weight is None else weight.view(shape)
@@ -68,7 +70,12 @@ def _pointwise_affine(u: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor 
 
 
 def dyt(
-    x: Tensor, alpha: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, channel_dim: int = -1
+    x: Tensor,
+    alpha: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    channel_dim: int = -1,
 ) -> Tensor:
     """Dynamic Tanh (Zhu et al. 2025, arXiv:2503.10622): ``y = weight * tanh(alpha * x) + bias``.
 

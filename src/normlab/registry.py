@@ -44,8 +44,7 @@ class Registry(Generic[T]):
                     raise ValueError(f"{self.kind} registry: empty name {spelled!r}")
                 if key in self._keys:
                     raise ValueError(
-                        f"{self.kind} registry: {spelled!r} is already registered "
-                        f"(as {self._keys[key]!r})"
+                        f"{self.kind} registry: {spelled!r} is already registered (as {self._keys[key]!r})"
                     )
             for spelled in (name, *aliases):
                 self._keys[canonical_key(spelled)] = name
@@ -64,7 +63,8 @@ class Registry(Generic[T]):
         key = canonical_key(name)
         if key in self._keys:
             return self._keys[key]
-        candidates = {canonical_key(s): s for s in (*self._entries, *self.all_aliases())}
+        # canonical names last, so they win over an alias with the same key ('rms_norm')
+        candidates = {canonical_key(s): s for s in (*self.all_aliases(), *self._entries)}
         close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
         hint = (
             f"; did you mean {', '.join(repr(candidates[c]) for c in close)}?"

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from normlab.registry import Registry
 
 Layout = Literal["last", "channel"]
+Device = torch.device | str | int | None
+DType = torch.dtype | None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.norms._base import NormMixin, check_num_features
+from normlab.norms._base import Device, DType, NormMixin, check_num_features
 
 
 class PointwiseNorm(NormMixin, nn.Module):
@@ -22,26 +22,25 @@ class PointwiseNorm(NormMixin, nn.Module):
         elementwise_affine: bool,
         bias: bool,
         channels_first: bool,
-        device: object,
-        dtype: object,
+        device: Device,
+        dtype: DType,
     ) -> None:
         super().__init__()
         self.num_features = check_num_features(type(self).__name__, num_features)
         self.elementwise_affine = elementwise_affine
         self.channels_first = channels_first
-        kw: dict[str, object] = {"device": device, "dtype": dtype}
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **kw))  # type: ignore[arg-type]
+            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
         if elementwise_affine and bias:
-            self.bias = nn.Parameter(torch.empty(num_features, **kw))  # type: ignore[arg-type]
+            self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 
-    def scalar(self, value: float, device: object, dtype: object) -> nn.Parameter:
+    def scalar(self, value: float, device: Device, dtype: DType) -> nn.Parameter:
         """A learned scalar parameter of shape ``(1,)``, as in the official code."""
-        return nn.Parameter(torch.full((1,), value, device=device, dtype=dtype))  # type: ignore[arg-type]
+        return nn.Parameter(torch.full((1,), value, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         if self.weight is not None:

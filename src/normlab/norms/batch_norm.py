@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+from normlab.norms._base import (
+    Device,
+    DType,
+    NormMixin,
+    NormSpec,
+    check_eps,
+    check_num_features,
+    register_norm,
+)
 
 
 @register_norm("batchnorm", aliases=("bn", "batch_norm"))
@@ -49,6 +57,7 @@ class BatchNorm(NormMixin, _BatchNorm):
         running_stats=True,
         min_ndim=2,
     )
+    skipped_updates: Tensor
 
     def __init__(
         self,
@@ -59,8 +68,8 @@ class BatchNorm(NormMixin, _BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         bias: bool = True,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         owner = type(self).__name__
         check_num_features(owner, num_features)
@@ -77,7 +86,9 @@ class BatchNorm(NormMixin, _BatchNorm):
             bias=bias,
         )
         self.register_buffer(
-            "skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False  # type: ignore[arg-type]
+            "skipped_updates",
+            torch.zeros((), dtype=torch.long, device=device),
+            persistent=False,
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -116,7 +127,9 @@ class BatchNorm(NormMixin, _BatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=dims, correction=1)
+        var, mean = torch.var_mean(
+            x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=dims, correction=1
+        )
         ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
             factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from normlab import functional as NF
-from normlab.norms._base import NormSpec, register_norm
+from normlab.norms._base import Device, DType, NormSpec, register_norm
 from normlab.norms._pointwise import PointwiseNorm
 
 
@@ -39,8 +39,8 @@ class Derf(PointwiseNorm):
         elementwise_affine: bool = True,
         bias: bool = True,
         channels_first: bool = False,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__(
             num_features,

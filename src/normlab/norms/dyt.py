@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from normlab import functional as NF
-from normlab.norms._base import NormSpec, register_norm
+from normlab.norms._base import Device, DType, NormSpec, register_norm
 from normlab.norms._pointwise import PointwiseNorm
 
 # Paper Table 11 (widths 1024..8192, identical for depths 8-64) and Table 10 (13B, width 5120):
@@ -69,8 +69,8 @@ class DyT(PointwiseNorm):
         elementwise_affine: bool = True,
         bias: bool = True,
         channels_first: bool = False,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__(
             num_features,

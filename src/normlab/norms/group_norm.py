@@ -7,7 +7,15 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+from normlab.norms._base import (
+    Device,
+    DType,
+    NormMixin,
+    NormSpec,
+    check_eps,
+    check_num_features,
+    register_norm,
+)
 
 
 @register_norm("groupnorm", aliases=("gn", "group_norm"))
@@ -41,8 +49,8 @@ class GroupNorm(NormMixin, nn.GroupNorm):
         eps: float = 1e-5,
         affine: bool = True,
         bias: bool = True,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         owner = type(self).__name__
         check_num_features(owner, num_features)
@@ -52,7 +60,9 @@ class GroupNorm(NormMixin, nn.GroupNorm):
             raise ValueError(
                 f"{owner}: num_features ({num_features}) must be divisible by num_groups ({num_groups})"
             )
-        super().__init__(num_groups, num_features, check_eps(owner, eps), affine, device=device, dtype=dtype, bias=bias)
+        super().__init__(
+            num_groups, num_features, check_eps(owner, eps), affine, device=device, dtype=dtype, bias=bias
+        )
         self.num_features = num_features
 
     def forward(self, x: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from normlab.norms._base import NormMixin, NormSpec, check_num_features, register_norm
+from normlab.norms._base import Device, DType, NormMixin, NormSpec, check_num_features, register_norm
 
 
 @register_norm("identity", aliases=("none", "no_norm"))
@@ -22,11 +22,14 @@ class Identity(NormMixin, nn.Identity):
     spec = NormSpec(paper="no normalization (ablation baseline)", layout="last", elementwise=True)
 
     def __init__(
-        self, num_features: int, *, channels_first: bool = False, device: object = None, dtype: object = None
+        self, num_features: int, *, channels_first: bool = False, device: Device = None, dtype: DType = None
     ) -> None:
         super().__init__()
         self.num_features = check_num_features(type(self).__name__, num_features)
         self.channels_first = channels_first
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: kept so every norm answers ``reset_parameters()``."""
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -9,6 +9,8 @@ from torch import Tensor
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normlab.norms._base import (
+    Device,
+    DType,
     NormMixin,
     NormSpec,
     channel_view,
@@ -50,8 +52,8 @@ class InstanceNorm(NormMixin, _InstanceNorm):
         affine: bool = True,
         track_running_stats: bool = False,
         bias: bool = True,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         owner = type(self).__name__
         check_num_features(owner, num_features)

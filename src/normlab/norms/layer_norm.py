@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+from normlab.norms._base import (
+    Device,
+    DType,
+    NormMixin,
+    NormSpec,
+    check_eps,
+    check_num_features,
+    register_norm,
+)
 
 
 @register_norm("layernorm", aliases=("ln", "layer_norm"))
@@ -41,8 +49,8 @@ class LayerNorm(NormMixin, nn.LayerNorm):
         elementwise_affine: bool = True,
         bias: bool = True,
         channels_first: bool = False,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
         for n in shape:

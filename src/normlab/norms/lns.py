@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab import functional as NF
-from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+from normlab.norms._base import (
+    Device,
+    DType,
+    NormMixin,
+    NormSpec,
+    check_eps,
+    check_num_features,
+    register_norm,
+)
 
 _DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
 
@@ -54,8 +62,8 @@ class LayerNormScaling(NormMixin, nn.Module):
         eps: float | None = None,
         elementwise_affine: bool = True,
         bias: bool | None = None,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -70,10 +78,15 @@ class LayerNormScaling(NormMixin, nn.Module):
         self.eps = check_eps(owner, _DEFAULT_EPS[base] if eps is None else eps)
         self.elementwise_affine = elementwise_affine
         with_bias = (base == "layernorm") if bias is None else bias
-        kw: dict[str, object] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine else None  # type: ignore[arg-type]
+        self.weight = (
+            nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+            if elementwise_affine
+            else None
+        )
         self.bias = (
-            nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine and with_bias else None  # type: ignore[arg-type]
+            nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+            if elementwise_affine and with_bias
+            else None
         )
         self.reset_parameters()
 

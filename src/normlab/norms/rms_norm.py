@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as NF
-from normlab.norms._base import NormMixin, NormSpec, check_eps, check_num_features, register_norm
+from normlab.norms._base import (
+    Device,
+    DType,
+    NormMixin,
+    NormSpec,
+    check_eps,
+    check_num_features,
+    register_norm,
+)
 
 
 @register_norm("rmsnorm", aliases=("rms", "rms_norm"))
@@ -49,8 +57,8 @@ class RMSNorm(NormMixin, nn.RMSNorm):
         elementwise_affine: bool = True,
         bias: bool = False,
         channels_first: bool = False,
-        device: object = None,
-        dtype: object = None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         owner = type(self).__name__
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
@@ -70,7 +78,7 @@ class RMSNorm(NormMixin, nn.RMSNorm):
         self.p = p
         self.channels_first = channels_first
         if elementwise_affine and bias:
-            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))  # type: ignore[arg-type]
+            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
 
@@ -83,7 +91,13 @@ class RMSNorm(NormMixin, nn.RMSNorm):
         self._check_input(x)
         h = x.movedim(1, -1) if self.channels_first else x
         y = NF.rms_norm(
-            h, self.normalized_shape, self.weight, self.bias, self.eps, eps_inside=self.eps_mode == "inside", p=self.p
+            h,
+            self.normalized_shape,
+            self.weight,
+            self.bias,
+            self.eps,
+            eps_inside=self.eps_mode == "inside",
+            p=self.p,
         )
         return y.movedim(-1, 1) if self.channels_first else y
 
