@@ -151,7 +151,7 @@ def batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None
 
 
 def group_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """GroupNorm (spec 1.4): stats per sample over ``C / G`` channels and all positions; per-channel affine."""
+    """GroupNorm (spec 1.4): per-sample stats over the ``C / G`` channels of a group and all positions."""
     _check(x)
     n, c = x.shape[:2]
     g = module.num_groups
