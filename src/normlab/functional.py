@@ -10,12 +10,31 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def _compute(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
     dtype = torch.promote_types(x.dtype, torch.float32)
     return tuple(p if p is None else p.to(dtype) for p in (x, *params))  # type: ignore[misc]
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """LayerNorm (Ba et al. 2016, arXiv:1607.06450): ``(x - mean) / sqrt(var + eps) * w + b``.
+
+    torch's fused kernel, except when the parameters are wider than the input (bf16/fp16
+    activations through fp32 parameters): torch's mixed-dtype kernel then returns weight and
+    bias grads of bf16 quality (1e-2 relative), so the input is upcast to the parameters' dtype.
+    """
+    if weight is not None and weight.element_size() > x.element_size():
+        return F.layer_norm(x.to(weight.dtype), normalized_shape, weight, bias, eps).to(x.dtype)
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 def rms_norm(
@@ -39,15 +58,21 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     xc, w, b = _compute(x, weight, bias)
-    dims = tuple(range(-len(normalized_shape), 0))
-    if p is None:
-        ms = xc.pow(2).mean(dim=dims, keepdim=True)
+    k = len(normalized_shape)
+    dims = tuple(range(-k, 0))
+    sub, count = xc, math.prod(normalized_shape)
+    if p is not None:  # pRMSNorm: the RMS of the first int(d * p) features
+        count = max(int(count * p), 1)
+        sub = xc.flatten(-k)[..., :count].reshape(*xc.shape[: xc.dim() - k], count, *([1] * (k - 1)))
+    if eps_inside:
+        # x / sqrt(.) rather than x * rsqrt(.): rsqrt's backward forms (ms + eps)^-1.5, which
+        # underflows fp32 once mean(x²) > ~1e29 and drops the projection term of dx.
+        y = xc / torch.sqrt(sub.pow(2).mean(dim=dims, keepdim=True) + eps)
     else:
-        d = math.prod(normalized_shape)
-        k = max(int(d * p), 1)
-        flat = xc.flatten(-len(normalized_shape))[..., :k]
-        ms = flat.pow(2).mean(dim=-1).view(*x.shape[: x.dim() - len(normalized_shape)], *[1] * len(dims))
-    y = xc * torch.rsqrt(ms + eps) if eps_inside else xc / (ms.sqrt() + eps)
+        # vector_norm, as the official code: its gradient at an all-zero row is 0, where
+        # sqrt(mean(x²))'s is inf * 0 = NaN.
+        rms = torch.linalg.vector_norm(sub, dim=dims, keepdim=True) * count**-0.5
+        y = xc / (rms + eps)
     if w is not None:
         y = y * w
     if b is not None:

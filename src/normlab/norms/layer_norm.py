@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab import functional as NF
 from normlab.norms._base import (
     Device,
     DType,
@@ -66,9 +66,9 @@ class LayerNorm(NormMixin, nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.channels_first:
-            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+            y = NF.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
             return y.movedim(-1, 1)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return NF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", channels_first=True" if self.channels_first else "")

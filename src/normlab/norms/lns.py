@@ -6,7 +6,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab import functional as NF
@@ -103,7 +102,7 @@ class LayerNormScaling(NormMixin, nn.Module):
         b = None if self.bias is None else self.bias * s
         shape = (self.num_features,)
         if self.base == "layernorm":
-            y = F.layer_norm(x, shape, w, b, self.eps)
+            y = NF.layer_norm(x, shape, w, b, self.eps)
         else:
             y = NF.rms_norm(x, shape, w, b, self.eps)
         return y * s if w is None else y
