@@ -73,9 +73,6 @@ class InstanceNorm(NormMixin, _InstanceNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         self._check_input(input)
 
-    def _get_no_batch_dim(self) -> int:
-        return -1  # unbatched input is not accepted: min_ndim=3 rejects it first
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         use_input_stats = self.training or not self.track_running_stats
