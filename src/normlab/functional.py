@@ -14,8 +14,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, else the input dtype: statistics never run in fp16/bf16."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def channel_view(p: Tensor, x: Tensor, channel_dim: int) -> Tensor:
+    """``p`` of shape ``(C,)`` viewed to broadcast against ``x`` along ``channel_dim`` (1 or -1)."""
+    if channel_dim == -1:
+        return p
+    return p.view(-1, *([1] * (x.dim() - 2)))
+
+
 def _compute(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x)
     return tuple(p if p is None else p.to(dtype) for p in (x, *params))  # type: ignore[misc]
 
 
@@ -83,14 +95,10 @@ def rms_norm(
 def _pointwise_affine(
     u: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
 ) -> Tensor:
-    if channel_dim != -1:
-        shape = (-1, *([1] * (x.dim() - 2)))
-        weight = None if weight is None else weight.view(shape)
-        bias = None if bias is None else bias.view(shape)
     if weight is not None:
-        u = u * weight
+        u = u * channel_view(weight, x, channel_dim)
     if bias is not None:
-        u = u + bias
+        u = u + channel_view(bias, x, channel_dim)
     return u.to(x.dtype)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 
@@ -108,16 +108,33 @@ def check_num_features(owner: str, num_features: int) -> int:
     return num_features
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half-precision inputs, else the input dtype: statistics never run in fp16/bf16."""
-    return torch.promote_types(x.dtype, torch.float32)
+def feature_shape(owner: str, num_features: int | Sequence[int], channels_first: bool) -> tuple[int, ...]:
+    """Validated ``normalized_shape`` of a LayerNorm-like norm: an int, or a tuple of trailing sizes."""
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    for n in shape:
+        check_num_features(owner, n)
+    if channels_first and len(shape) != 1:
+        raise ValueError(f"{owner}: channels_first needs an int num_features, got {shape}")
+    return shape
 
 
-def channel_view(p: Tensor, x: Tensor, channel_dim: int) -> Tensor:
-    """``p`` of shape ``(C,)`` viewed to broadcast against ``x`` along ``channel_dim``."""
-    if channel_dim == -1:
-        return p
-    return p.view(-1, *([1] * (x.dim() - 2)))
+def affine_parameters(
+    num_features: int, *, weight: bool, bias: bool, device: Device, dtype: DType
+) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """Per-feature ``(weight, bias)`` parameters, uninitialized; ``None`` where not learned."""
+
+    def make(learned: bool) -> nn.Parameter | None:
+        return nn.Parameter(torch.empty(num_features, device=device, dtype=dtype)) if learned else None
+
+    return make(weight), make(weight and bias)
+
+
+def reset_affine(weight: Tensor | None, bias: Tensor | None) -> None:
+    """The identity affine: ``weight = 1``, ``bias = 0``."""
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
 
 
 def label_modules(model: nn.Module) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.norms._base import Device, DType, NormMixin, check_num_features
+from normlab.norms._base import Device, DType, NormMixin, affine_parameters, check_num_features, reset_affine
 
 
 class PointwiseNorm(NormMixin, nn.Module):
@@ -14,6 +14,9 @@ class PointwiseNorm(NormMixin, nn.Module):
     Holds the per-feature ``weight``/``bias`` and the channel layout; no statistics, so the
     output is identical in training and eval and independent of the other samples.
     """
+
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -29,24 +32,18 @@ class PointwiseNorm(NormMixin, nn.Module):
         self.num_features = check_num_features(type(self).__name__, num_features)
         self.elementwise_affine = elementwise_affine
         self.channels_first = channels_first
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        if elementwise_affine and bias:
-            self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        w, b = affine_parameters(
+            num_features, weight=elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
+        self.register_parameter("weight", w)
+        self.register_parameter("bias", b)
 
     def scalar(self, value: float, device: Device, dtype: DType) -> nn.Parameter:
         """A learned scalar parameter of shape ``(1,)``, as in the official code."""
         return nn.Parameter(torch.full((1,), value, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self.weight, self.bias)
 
     def _affine_repr(self) -> str:
         s = f"{self.num_features}"

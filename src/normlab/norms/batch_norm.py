@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normlab import functional as NF
 from normlab.norms._base import (
     Device,
     DType,
@@ -127,9 +128,7 @@ class BatchNorm(NormMixin, _BatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(
-            x.detach().to(torch.promote_types(x.dtype, torch.float32)), dim=dims, correction=1
-        )
+        var, mean = torch.var_mean(x.detach().to(NF.compute_dtype(x)), dim=dims, correction=1)
         ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
             factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)

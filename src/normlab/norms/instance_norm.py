@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normlab import functional as NF
 from normlab.norms._base import (
     Device,
     DType,
     NormMixin,
     NormSpec,
-    channel_view,
     check_eps,
     check_num_features,
     register_norm,
@@ -84,9 +84,9 @@ class InstanceNorm(NormMixin, _InstanceNorm):
         if x.shape[0] == 0:  # torch's kernel fails on an empty batch; keep the graph to the params
             y = x
             if self.weight is not None:
-                y = y * channel_view(self.weight, x, 1)
+                y = y * NF.channel_view(self.weight, x, 1)
             if self.bias is not None:
-                y = y + channel_view(self.bias, x, 1)
+                y = y + NF.channel_view(self.bias, x, 1)
             return y
         return F.instance_norm(
             x,

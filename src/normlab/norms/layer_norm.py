@@ -14,7 +14,7 @@ from normlab.norms._base import (
     NormMixin,
     NormSpec,
     check_eps,
-    check_num_features,
+    feature_shape,
     register_norm,
 )
 
@@ -52,11 +52,7 @@ class LayerNorm(NormMixin, nn.LayerNorm):
         device: Device = None,
         dtype: DType = None,
     ) -> None:
-        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        for n in shape:
-            check_num_features(type(self).__name__, n)
-        if channels_first and len(shape) != 1:
-            raise ValueError(f"{type(self).__name__}: channels_first needs an int num_features, got {shape}")
+        shape = feature_shape(type(self).__name__, num_features, channels_first)
         super().__init__(
             shape, check_eps(type(self).__name__, eps), elementwise_affine, bias, device=device, dtype=dtype
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from normlab import functional as NF
@@ -14,9 +13,11 @@ from normlab.norms._base import (
     DType,
     NormMixin,
     NormSpec,
+    affine_parameters,
     check_eps,
     check_num_features,
     register_norm,
+    reset_affine,
 )
 
 _DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
@@ -52,6 +53,9 @@ class LayerNormScaling(NormMixin, nn.Module):
         example_kwargs={"layer_idx": 3},
     )
 
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         num_features: int,
@@ -77,23 +81,15 @@ class LayerNormScaling(NormMixin, nn.Module):
         self.eps = check_eps(owner, _DEFAULT_EPS[base] if eps is None else eps)
         self.elementwise_affine = elementwise_affine
         with_bias = (base == "layernorm") if bias is None else bias
-        self.weight = (
-            nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-            if elementwise_affine
-            else None
+        w, b = affine_parameters(
+            num_features, weight=elementwise_affine, bias=with_bias, device=device, dtype=dtype
         )
-        self.bias = (
-            nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
-            if elementwise_affine and with_bias
-            else None
-        )
+        self.register_parameter("weight", w)
+        self.register_parameter("bias", b)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

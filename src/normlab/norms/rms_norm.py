@@ -16,7 +16,7 @@ from normlab.norms._base import (
     NormMixin,
     NormSpec,
     check_eps,
-    check_num_features,
+    feature_shape,
     register_norm,
 )
 
@@ -61,17 +61,13 @@ class RMSNorm(NormMixin, nn.RMSNorm):
         dtype: DType = None,
     ) -> None:
         owner = type(self).__name__
-        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        for n in shape:
-            check_num_features(owner, n)
+        shape = feature_shape(owner, num_features, channels_first)
         if eps is not None:
             eps = check_eps(owner, eps)
         if eps_mode not in ("inside", "outside"):
             raise ValueError(f"{owner}: eps_mode must be 'inside' or 'outside', got {eps_mode!r}")
         if p is not None and not 0.0 < p <= 1.0:
             raise ValueError(f"{owner}: p (partial fraction) must be in (0, 1], got {p!r}")
-        if channels_first and len(shape) != 1:
-            raise ValueError(f"{owner}: channels_first needs an int num_features, got {shape}")
         super().__init__(shape, eps, elementwise_affine, device=device, dtype=dtype)
         self.num_features = math.prod(shape)
         self.eps_mode = eps_mode
