@@ -15,15 +15,18 @@ from normlab.cli import main
 def test_list_shows_every_norm(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in normlab.list_norms():
+    for name in normlab.list_norms() + normlab.list_placements():
         assert f"\n{name} " in out
+    assert "arXiv:2203.00555" in out  # DeepNorm's source line
 
 
 def test_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == normlab.list_norms()
-    assert all(r["paper"] for r in rows)
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in listed["norms"]] == normlab.list_norms()
+    assert all(r["paper"] for r in listed["norms"])
+    assert [r["name"] for r in listed["placements"]] == normlab.list_placements()
+    assert {r["name"]: r["final_norm"] for r in listed["placements"]}["post"] == "no"
 
 
 def test_smoke_checks_every_norm(capsys: pytest.CaptureFixture[str]) -> None:

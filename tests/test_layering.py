@@ -9,7 +9,18 @@ from pathlib import Path
 import normlab
 
 SRC = Path(normlab.__file__).parent
-CORE = ("norms", "blocks", "convert", "diagnostics", "kernels", "functional.py", "registry.py", "__init__.py")
+CORE = (
+    "norms",
+    "blocks",
+    "models",
+    "convert",
+    "diagnostics",
+    "kernels",
+    "functional.py",
+    "registry.py",
+    "init.py",
+    "__init__.py",
+)
 ALLOWED_THIRD_PARTY = {"torch", "numpy"}
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from normlab import __version__
+from normlab.blocks import PLACEMENTS, list_placements
 from normlab.norms import NORMS, list_norms
 
 
@@ -19,18 +20,39 @@ def _table(rows: list[list[object]], header: list[str]) -> str:
     return "\n".join(s.rstrip() for s in out)
 
 
+def _placement_rows() -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name in list_placements():
+        cls = PLACEMENTS.get(name)
+        source = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0].rstrip(".")
+        final = "yes" if cls.NEEDS_FINAL_NORM else "no"
+        rows.append([name, cls.__name__, ", ".join(PLACEMENTS.aliases(name)), final, source])
+    return rows
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     rows: list[list[object]] = []
     for name in list_norms():
         cls = NORMS.get(name)
         spec = cls.spec  # type: ignore[attr-defined]
         rows.append([name, cls.__name__, ", ".join(NORMS.aliases(name)), spec.layout, spec.paper])
+    norm_keys = ["name", "class", "aliases", "layout", "paper"]
+    placement_keys = ["name", "class", "aliases", "final_norm", "source"]
+    placements = _placement_rows()
     if args.json:
-        keys = ["name", "class", "aliases", "layout", "paper"]
-        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        out = {
+            "norms": [dict(zip(norm_keys, r, strict=True)) for r in rows],
+            "placements": [dict(zip(placement_keys, r, strict=True)) for r in placements],
+        }
+        print(json.dumps(out, indent=2))
     else:
-        print(_table(rows, ["name", "class", "aliases", "layout", "paper"]))
-        print(f"\n{len(rows)} norms. Build one with normlab.create_norm(name, num_features, **options).")
+        print(_table(rows, norm_keys))
+        print(f"\n{len(rows)} norms. Build one with normlab.create_norm(name, num_features, **options).\n")
+        print(_table(placements, ["placement", "class", "aliases", "final norm", "source"]))
+        print(
+            f"\n{len(placements)} placements. Any norm in any placement: "
+            "normlab.models.GPT(GPTConfig(..., norm=name, placement=name))."
+        )
     return 0
 
 
@@ -77,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list the registered norms")
+    p = sub.add_parser("list", help="list the registered norms and placements")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("smoke", help="run a train step and an eval pass of every norm, checked against fp64")
