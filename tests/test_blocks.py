@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 import normlab
 from normlab import init as nl_init
 from normlab.blocks import Block, BlockConfig, TokenwiseNorm, build_block, list_placements, make_block_norm
-from normlab.models import GPT, GPTConfig
+from normlab.models import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 PLACEMENTS = list_placements()
 
@@ -572,3 +574,32 @@ def test_residual_variance_at_init_follows_the_theory() -> None:
     assert all(b > a for a, b in itertools.pairwise(lns[1:]))
     assert pre[12] / pre[6] > 1.5 * lns[12] / lns[6]
     assert all(v == pytest.approx(1.0, rel=0.02) for v in post[1:])
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = GPTConfig(
+        vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, norm="dyt", placement="deepnorm"
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    path = save_checkpoint(model, tmp_path / "run" / "ckpt.pt", extra={"step": 7})
+    loaded, extra = load_checkpoint(path)
+    assert extra == {"step": 7} and loaded.config == cfg
+    idx = torch.randint(0, 13, (2, 8))
+    torch.testing.assert_close(loaded(idx).logits, model(idx).logits, rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.wte.weight
+
+    # a failing write leaves the previous checkpoint intact and no temporary file behind
+    def crash(obj: object, f: BinaryIO) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, path, extra={"step": 8})
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1] == {"step": 7}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a normlab GPT checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")

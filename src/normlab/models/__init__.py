@@ -1,5 +1,6 @@
 """Small reference models assembled from normlab blocks."""
 
+from normlab.models.checkpoint import load_checkpoint, save_checkpoint
 from normlab.models.gpt import GPT, GPTConfig, GPTOutput
 
-__all__ = ["GPT", "GPTConfig", "GPTOutput"]
+__all__ = ["GPT", "GPTConfig", "GPTOutput", "load_checkpoint", "save_checkpoint"]

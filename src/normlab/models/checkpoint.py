@@ -1,0 +1,80 @@
+"""Saving and loading normlab GPT checkpoints: the config travels with the weights.
+
+A checkpoint is one ``torch.save`` file holding ``{"format", "config", "state_dict",
+"extra"}``. It is written to a temporary file in the same directory, flushed to disk and
+then renamed over the target, so a crash mid-write never leaves a truncated checkpoint
+nor destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.models.gpt import GPT, GPTConfig
+
+FORMAT = "normlab-gpt/1"
+
+
+def config_to_dict(config: GPTConfig) -> dict[str, Any]:
+    """The config as plain Python values (``norm_kwargs`` copied to a dict)."""
+    d = dataclasses.asdict(config)
+    d["norm_kwargs"] = dict(config.norm_kwargs)
+    return d
+
+
+def config_from_dict(d: Mapping[str, Any]) -> GPTConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"GPT config: unknown keys {unknown}; known: {sorted(known)}")
+    return GPTConfig(**d)
+
+
+def save_checkpoint(
+    model: GPT, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (config and weights) and ``extra`` (JSON-like metadata) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": config_to_dict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[GPT, dict[str, Any]]:
+    """Rebuild the GPT of a checkpoint written by :func:`save_checkpoint`; returns ``(model, extra)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"load_checkpoint: no file at {str(path)!r}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"load_checkpoint: {str(path)!r} is not a normlab GPT checkpoint (format {found!r})")
+    # built for real, not on the meta device: non-persistent buffers get their init values
+    model = GPT(config_from_dict(payload["config"]), device=map_location)
+    model.load_state_dict(payload["state_dict"])
+    return model, dict(payload["extra"])
