@@ -4,7 +4,7 @@ Each function takes ``(x, module)``: ``x`` is a float64 tensor and ``module`` on
 parameters and options, read as attributes (``weight``, ``eps``, ``training``, ...); the
 module's ``forward`` is never called. The math is plain torch ops on float64 (no
 ``torch.nn.functional`` norm kernel, nothing imported from normlab), transcribed from
-``/work/shared/spec/methods.md`` sections 1.1-1.5, 2, 3 and 11, so a shared bug between a
+``/work/shared/spec/methods.md`` sections 1.1-1.5, 2, 3, 8 and 11, so a shared bug between a
 layer and this file would have to be written twice.
 
 Parameters are upcast to float64 here, so a reference built from a half-precision module
@@ -218,14 +218,307 @@ def identity(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) 
     return x
 
 
+# ------------------------------------------------------------------------------------------------
+# Beyond BatchNorm (spec 8): FRN, EvoNorm-B0/S0, Variance Normalization
+
+
+def _channel_affine(y: Tensor, module: Any) -> Tensor:
+    """``y * weight_c + bias_c`` on dim 1 (either may be absent)."""
+    w = _channel_view(_f64(getattr(module, "weight", None)), y.dim())
+    b = _channel_view(_f64(getattr(module, "bias", None)), y.dim())
+    return _affine(y, w, b)
+
+
+def _spatial_dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(2, x.dim()))
+
+
+def _batch_or_running_var(x: Tensor, module: Any) -> Tensor:
+    """Biased per-channel batch variance (over every dim but 1) in training, ``running_var`` in eval."""
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    if module.training:
+        dims = (0, *_spatial_dims(x))
+        mean = x.mean(dim=dims, keepdim=True)
+        return ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return module.running_var.to(F64).reshape(view)
+
+
+def frn(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """FRN + TLU (Singh & Krishnan, arXiv 1911.09737): ``max(w * x / sqrt(nu2 + |eps|) + b, tau)``,
+    ``nu2`` the mean of ``x^2`` over the spatial dims of one sample and channel."""
+    _check(x)
+    nu2 = (x * x).mean(dim=_spatial_dims(x), keepdim=True)
+    eps = module.eps
+    eps = eps.to(F64).abs() if isinstance(eps, Tensor) else abs(float(eps))
+    y = _channel_affine(x / torch.sqrt(nu2 + eps), module)
+    if module.tau is not None:
+        y = torch.maximum(y, _channel_view(_f64(module.tau), x.dim()))  # type: ignore[arg-type]
+    return y
+
+
+def evonorm_b0(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """EvoNorm-B0 (Liu et al., arXiv 2004.02967):
+    ``x / max(sqrt(var_B + eps), v * x + sqrt(var_I + eps)) * w + b``, biased variances."""
+    _check(x)
+    var_b = _batch_or_running_var(x, module)
+    dims = _spatial_dims(x)
+    mean_i = x.mean(dim=dims, keepdim=True)
+    var_i = ((x - mean_i) ** 2).mean(dim=dims, keepdim=True)
+    v = _channel_view(_f64(module.v), x.dim())
+    den = torch.maximum(torch.sqrt(var_b + module.eps), v * x + torch.sqrt(var_i + module.eps))
+    return _channel_affine(x / den, module)
+
+
+def evonorm_s0(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """EvoNorm-S0 (Liu et al., arXiv 2004.02967): ``x * sigmoid(v * x) / sqrt(var_G + eps) * w + b``,
+    ``var_G`` the biased variance of one sample over a group of channels and all positions."""
+    _check(x)
+    n, c = x.shape[:2]
+    g = module.num_groups
+    xg = x.reshape(n, g, c // g, *x.shape[2:])
+    dims = tuple(range(2, xg.dim()))
+    mean = xg.mean(dim=dims, keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=dims, keepdim=True)
+    std = torch.sqrt(var + module.eps).expand_as(xg).reshape(x.shape)
+    v = _channel_view(_f64(module.v), x.dim())
+    return _channel_affine(x * torch.sigmoid(v * x) / std, module)  # type: ignore[operator]
+
+
+def var_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """Variance Normalization (BeyondBN ``VN_self``): ``x / sqrt(var_B + eps) * w + b``, ``x`` not centred."""
+    _check(x)
+    return _channel_affine(x / torch.sqrt(_batch_or_running_var(x, module) + module.eps), module)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batchless Normalization (spec section 9; official ichteltelch/Batchless:batchless_normalization.py)
+
+
+def _batchless_std(module: Any, dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
+    """``(1/sigma, log sigma)`` per channel from the module's std parameter, per parametrization."""
+    p = module.std_parametrization
+    if p == "log":
+        s = module.log_std.to(dtype)
+        return torch.exp(-s), s
+    if p == "abs":
+        sigma = module.std.to(dtype).abs() + module.eps
+        return 1.0 / sigma, torch.log(sigma)
+    if p == "inv":
+        s = module.inv_std.to(dtype)
+        return s, -torch.log(s.abs() + module.eps)
+    raise ValueError(p)
+
+
+def _batchless_view(p: Tensor, x: Tensor, module: Any) -> Tensor:
+    return _channel_view(p, x.dim()) if module.channels_first else p  # type: ignore[return-value]
+
+
+def batchless(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """Spec 9: ``(x - sg(mean)) * sg(1/sigma) * weight + bias``; the same in train and eval."""
+    _check(x)
+    inv_std, _ = _batchless_std(module)
+    mean = _batchless_view(module.mean.detach().to(F64), x, module)
+    y = (x - mean) * _batchless_view(inv_std.detach(), x, module)
+    w, b = _f64(module.weight), _f64(module.bias)
+    return _affine(
+        y,
+        None if w is None else _batchless_view(w, x, module),
+        None if b is None else _batchless_view(b, x, module),
+    )
+
+
+def batchless_nll(x: Tensor, module: Any) -> Tensor:
+    """Spec 9, elementwise: ``mean_c(log sigma) + 0.5 * mean(((sg(x) - mean) / sigma)^2)``, minus
+    ``sg(mean_c(log sigma)) + 0.5`` with ``gauge``. Gradient reaches ``mean`` and sigma only."""
+    _check(x)
+    inv_std, log_std = _batchless_std(module)
+    z = (x.detach() - _batchless_view(module.mean.to(F64), x, module)) * _batchless_view(inv_std, x, module)
+    nll = log_std.mean() + 0.5 * (z**2).mean()
+    if module.gauge:
+        nll = nll - (log_std.mean().detach() + 0.5)
+    return nll
+
+
+def memorized_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """MBN (spec 10.3): moments pooled over the current batch and the memory, newest first.
+
+    Training: the current batch's mean and biased variance (age 0) and the recorded rows of
+    ``memory_mean``/``memory_var`` (ages 1..k-1), weights ``memory_weights`` renormalized over the
+    ages present; pooled variance ``sum w E[x^2] - mean^2``. Eval: the running statistics, or with
+    ``eval_stats="memory"`` the pooled recorded rows (running statistics while none is recorded).
+    """
+    _check(x)
+    dims = (0, *range(2, x.dim()))
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    k = module.memory_size
+    eta = torch.tensor(module.memory_weights, dtype=F64)
+    recorded = int(module.memory_count)
+    mem_mean = module.memory_mean.to(F64)
+    mem_sq = module.memory_var.to(F64) + mem_mean**2  # E[x^2] of each recorded batch
+
+    def pooled(means: Tensor, squares: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        w = eta[:n] / eta[:n].sum()
+        mean = (w[:, None] * means[:n]).sum(0)
+        return mean, (w[:, None] * squares[:n]).sum(0) - mean**2
+
+    if module.training:
+        cur_mean = x.mean(dim=dims)
+        cur_sq = (x**2).mean(dim=dims)
+        n = 1 + min(recorded, k - 1)
+        mean, var = pooled(torch.cat([cur_mean[None], mem_mean]), torch.cat([cur_sq[None], mem_sq]), n)
+    elif module.eval_stats == "memory" and recorded > 0:
+        mean, var = pooled(mem_mean, mem_sq, min(recorded, k))
+    else:
+        mean, var = module.running_mean.to(F64), module.running_var.to(F64)
+    return _per_channel_stats_norm(
+        x, mean.reshape(view), var.reshape(view), _f64(module.weight), _f64(module.bias), module.eps
+    )
+
+
+def compound_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """Compound BN (spec 10.4): a per-channel K-component Gaussian mixture.
+
+    ``r_k`` = posterior of component k under the moving mixture (``mixture_weight``,
+    ``running_mean``, ``running_var + eps``); ``y = sum_k r_k (x - m_k) / sqrt(s_k + eps)``, with
+    ``m_k, s_k`` the r-weighted batch mean and biased variance in training (the moving ones for a
+    component with batch mass sum(r_k) <= 1.5, and always in eval).
+    """
+    _check(x)
+    dims = (0, *range(2, x.dim()))
+    view = (module.num_components, 1, x.shape[1], *([1] * (x.dim() - 2)))  # (K, 1, C, 1, ...) vs x[None]
+    pi = module.mixture_weight.to(F64).reshape(view)
+    mu = module.running_mean.to(F64).reshape(view)
+    var = module.running_var.to(F64).reshape(view)
+    xs = x[None]
+    v = var + module.eps
+    log_density = -0.5 * torch.log(2 * math.pi * v) - (xs - mu) ** 2 / (2 * v)
+    r = torch.softmax(torch.log(pi.clamp_min(1e-12)) + log_density, dim=0)
+    if module.training:
+        sum_dims = tuple(d + 1 for d in dims)
+        mass = r.sum(dim=sum_dims, keepdim=True)
+        enough = mass > 1.5
+        safe = torch.where(enough, mass, torch.ones_like(mass))
+        m_hat = (r * xs).sum(dim=sum_dims, keepdim=True) / safe
+        s_hat = (r * (xs - m_hat) ** 2).sum(dim=sum_dims, keepdim=True) / safe
+        m, s = torch.where(enough, m_hat, mu), torch.where(enough, s_hat, var)
+    else:
+        m, s = mu, var
+    y = (r * (xs - m) / torch.sqrt(s + module.eps)).sum(0)
+    return _affine(y, _channel_view(_f64(module.weight), x.dim()), _channel_view(_f64(module.bias), x.dim()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch Layer Normalization and Cross-Iteration BatchNorm (spec 10.1, 10.2)
+
+
+def batch_layer_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """BLN (spec 10.1): ``w * ((1/m - 1e-4) x_f + (1 - (1/m + 1e-4)) x_b) / sqrt(d) + b``.
+
+    ``x_b`` uses the biased statistics over the batch dim 0 only (per position and feature),
+    ``x_f`` those over the feature dim only; ``m`` is the configured ``batch_size``. In eval each
+    statistic whose switch is set is the module's moving one (0 before the first closed epoch).
+    """
+    _check(x)
+    feature_dim = 1 if module.channels_first else -1
+    m, d, eps = module.batch_size, module.num_features, module.eps
+
+    def moments(dim: int) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=dim, keepdim=True)
+        return mean, ((x - mean) ** 2).mean(dim=dim, keepdim=True)
+
+    b_mean, b_var = moments(0)
+    f_mean, f_var = moments(feature_dim)
+    if not module.training:
+
+        def moving(name: str) -> Tensor:
+            t = getattr(module, name)
+            return t.to(F64) if t.numel() else torch.zeros((), dtype=F64)
+
+        if module.batch_moving_mean:
+            b_mean = moving("moving_batch_mean")
+        if module.batch_moving_var:
+            b_var = moving("moving_batch_var")
+        if module.feature_moving_mean:
+            f_mean = moving("moving_feature_mean")
+        if module.feature_moving_var:
+            f_var = moving("moving_feature_var")
+    x_b = (x - b_mean) / torch.sqrt(b_var + eps)
+    x_f = (x - f_mean) / torch.sqrt(f_var + eps)
+    y = (x_f * (1 / m - 1e-4) + x_b * (1 - (1 / m + 1e-4))) / math.sqrt(d)
+    w, b = _f64(module.weight), _f64(module.bias)
+    if module.channels_first:
+        w, b = _channel_view(w, x.dim()), _channel_view(b, x.dim())
+    return _affine(y, w, b)
+
+
+def cross_iteration_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
+    """CBN (spec 10.2) as the official code: the current batch plus the module's stored iterations.
+
+    Each stored ``(mu_i, nu_i)`` is Taylor-compensated to the attached weight's current value,
+    entries with ``nu - mu^2 < 0`` are dropped per channel (the current one is always kept), and
+    ``mu = mean(mu_i)``, ``var = mean(nu_i) - mu^2`` over the kept ones. Eval: running statistics.
+    ``eps`` outside the square root unless ``eps_mode == "inside"``.
+    """
+    _check(x)
+    dims = (0, *range(2, x.dim()))
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    c = module.num_features
+    if not module.training and module.track_running_stats:
+        mean, var = module.running_mean.to(F64), module.running_var.to(F64)
+    else:
+        mean = x.mean(dim=dims)
+        nu = (x * x).mean(dim=dims)
+        mus, nus = [mean], [nu]
+        k1, burnin, it = module.window - 1, module.burnin, int(module.iteration) + 1
+        if burnin == 0:
+            allowed = k1
+        elif module.two_stage:
+            allowed = k1 if it > burnin else 0
+        else:
+            allowed = int(k1 * min(it / burnin, 1.0))
+        source = module.weight_source if module.training else None
+        theta = getattr(source, "weight", source)
+        if module.training and allowed > 0:
+            for i in range(int(module.hist_len)):
+                mu_i, nu_i = module.hist_mean[i].to(F64), module.hist_sqmean[i].to(F64)
+                if theta is not None and module.hist_dmean.numel():
+                    delta = (theta.detach().to(F64) - module.hist_weight[i].to(F64)).reshape(c, -1)
+                    mu_i = mu_i + module.rho * (module.hist_dmean[i].to(F64).reshape(c, -1) * delta).sum(1)
+                    nu_i = nu_i + module.rho * (module.hist_dsqmean[i].to(F64).reshape(c, -1) * delta).sum(1)
+                mus.append(mu_i)
+                nus.append(nu_i)
+        mu_all, nu_all = torch.stack(mus), torch.stack(nus)
+        keep = (nu_all - mu_all**2 >= 0).to(F64)
+        keep[0] = 1.0  # the current batch (its one-pass variance may round below 0 for a constant channel)
+        mean = (mu_all * keep).sum(0) / keep.sum(0)
+        var = (nu_all * keep).sum(0) / keep.sum(0) - mean**2
+    if module.eps_mode == "inside":
+        y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + module.eps)
+    else:
+        y = (x - mean.reshape(view)) / (torch.sqrt(var.reshape(view)) + module.eps)
+    return _affine(y, _channel_view(_f64(module.weight), x.dim()), _channel_view(_f64(module.bias), x.dim()))
+
+
 REFERENCES: dict[str, Reference] = {
+    "bln": batch_layer_norm,
+    "batchless": batchless,
     "batchnorm": batch_norm,
+    "cbn": cross_iteration_batch_norm,
+    "compoundbn": compound_batch_norm,
+    # Cross-process BN is BatchNorm on the global batch; without a process group (as in the
+    # generic suites) that is the local batch. Its distributed path: tests/test_cross_bn.py.
+    "crossbn": batch_norm,
     "derf": derf,
     "dyt": dyt,
+    "evonorm_b0": evonorm_b0,
+    "evonorm_s0": evonorm_s0,
+    "frn": frn,
     "groupnorm": group_norm,
     "identity": identity,
     "instancenorm": instance_norm,
     "layernorm": layer_norm,
     "lns": layer_norm_scaling,
+    "mbn": memorized_batch_norm,
     "rmsnorm": rms_norm,
+    "varnorm": var_norm,
 }

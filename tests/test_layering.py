@@ -19,6 +19,7 @@ CORE = (
     "functional.py",
     "registry.py",
     "init.py",
+    "nn.py",
     "__init__.py",
 )
 ALLOWED_THIRD_PARTY = {"torch", "numpy"}

@@ -2,14 +2,23 @@
 
 from normlab.norms import (  # noqa: F401  (each import registers the norms of one file)
     batch_norm,
+    batchless,
+    bln,
+    cbn,
+    compound_bn,
+    cross_bn,
     derf,
     dyt,
+    evonorm,
+    frn,
     group_norm,
     identity,
     instance_norm,
     layer_norm,
     lns,
+    mbn,
     rms_norm,
+    varnorm,
 )
 from normlab.norms._base import (
     NORMS,
@@ -22,32 +31,58 @@ from normlab.norms._base import (
     register_norm,
 )
 from normlab.norms.batch_norm import BatchNorm
+from normlab.norms.batchless import BatchlessNorm, init_batchless, total_aux_loss
+from normlab.norms.bln import BatchLayerNorm, bln_new_epoch
+from normlab.norms.cbn import CBNConv, CrossIterationBatchNorm
+from normlab.norms.compound_bn import CompoundBatchNorm
+from normlab.norms.cross_bn import CrossBatchNorm, convert_sync, revert_sync
 from normlab.norms.derf import Derf
 from normlab.norms.dyt import DyT, dyt_alpha_init
+from normlab.norms.evonorm import EvoNormB0, EvoNormS0
+from normlab.norms.frn import FilterResponseNorm
 from normlab.norms.group_norm import GroupNorm
 from normlab.norms.identity import Identity
 from normlab.norms.instance_norm import InstanceNorm
 from normlab.norms.layer_norm import LayerNorm
 from normlab.norms.lns import LayerNormScaling
+from normlab.norms.mbn import MemorizedBatchNorm, double_forward_pass
 from normlab.norms.rms_norm import RMSNorm
+from normlab.norms.varnorm import VarianceNorm
 
 __all__ = [
     "NORMS",
+    "BatchLayerNorm",
     "BatchNorm",
+    "BatchlessNorm",
+    "CBNConv",
+    "CompoundBatchNorm",
+    "CrossBatchNorm",
+    "CrossIterationBatchNorm",
     "Derf",
     "DyT",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GroupNorm",
     "Identity",
     "InstanceNorm",
     "LayerNorm",
     "LayerNormScaling",
+    "MemorizedBatchNorm",
     "NormMixin",
     "NormSpec",
     "RMSNorm",
+    "VarianceNorm",
+    "bln_new_epoch",
+    "convert_sync",
     "create_norm",
+    "double_forward_pass",
     "dyt_alpha_init",
     "get_norm_layer",
+    "init_batchless",
     "label_modules",
     "list_norms",
     "register_norm",
+    "revert_sync",
+    "total_aux_loss",
 ]

@@ -33,11 +33,26 @@ class NormSpec:
             ``"channel"``: features are dimension 1, input ``(N, C, *)``. Norms with a
             ``channels_first`` option switch from ``"last"`` to ``"channel"`` with it.
         batch_stats: the training output of a sample depends on the other samples.
-        running_stats: keeps ``running_mean``/``running_var`` buffers used in eval.
+        running_stats: keeps running statistics (``running_var``, and ``running_mean`` where the
+            norm centres) used in eval.
         elementwise: no reduction at all: the output of an element depends on that element only.
         min_ndim: the smallest input rank accepted.
         needs: construction context the caller must supply (``"layer_idx"`` for LNS).
         example_kwargs: keyword arguments that make a small working instance (tests, demo).
+        activation_params: per-feature parameters of a fused activation, not of the affine
+            (FRN's TLU ``tau``, EvoNorm's ``v``): they stay with ``affine=False``.
+        aux_params: parameters fitted only by the norm's auxiliary loss (Batchless's ``mean`` and
+            ``log_std``/``std``/``inv_std``; the names that exist depend on the options). The norm
+            then has ``aux_loss() -> Tensor`` (summed over a model by ``normlab.total_aux_loss``);
+            its output does not backpropagate into these parameters (a stop-gradient), so tests
+            of output gradients skip them, and they stay with ``affine=False``.
+        lazy_buffers: some buffers are empty until the first training input sets their shape
+            (BLN's per-position statistics), so a compiled module traces one more graph, per
+            dtype, at its first training call.
+        fp32_tolerance: factor on the fp32 tolerances of the fp64-reference tests, for a norm
+            whose exact output is ill-conditioned in its input (not a loose implementation):
+            Compound BN's mixture posteriors at ``|x|`` ~ 50 x the component spread, where one
+            fp32 ulp of ``x`` moves the posterior logits by ~1e-4.
     """
 
     paper: str
@@ -48,6 +63,10 @@ class NormSpec:
     min_ndim: int = 1
     needs: tuple[str, ...] = ()
     example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    activation_params: tuple[str, ...] = ()
+    aux_params: tuple[str, ...] = ()
+    lazy_buffers: bool = False
+    fp32_tolerance: float = 1.0
 
 
 class NormMixin:
