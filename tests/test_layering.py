@@ -21,6 +21,7 @@ CORE = (
     "init.py",
     "nn.py",
     "__init__.py",
+    "_atomic.py",
 )
 ALLOWED_THIRD_PARTY = {"torch", "numpy"}
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from normlab._atomic import atomic_torch_save
 from normlab.models.gpt import GPT, GPTConfig
 
 FORMAT = "normlab-gpt/1"
@@ -42,25 +42,13 @@ def save_checkpoint(
     model: GPT, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``model`` (config and weights) and ``extra`` (JSON-like metadata) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "config": config_to_dict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_checkpoint(
