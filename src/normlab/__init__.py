@@ -3,8 +3,17 @@
 Layers share one registry: ``normlab.create_norm("dyt", 512)``, ``normlab.list_norms()``.
 """
 
-from normlab import init, models, nn
+from normlab import diagnostics, init, models, nn
 from normlab.blocks import BlockConfig, build_block, list_placements
+from normlab.convert import (
+    apply_layernorm_scaling,
+    convert_norms,
+    fold_batchnorm,
+    fold_dyt,
+    freeze_batchnorm,
+    remove_layernorm_scaling,
+    unfreeze_batchnorm,
+)
 from normlab.norms import (
     BatchLayerNorm,
     BatchlessNorm,
@@ -67,12 +76,19 @@ __all__ = [
     "RMSNorm",
     "VarianceNorm",
     "__version__",
+    "apply_layernorm_scaling",
     "bln_new_epoch",
     "build_block",
+    "convert",
+    "convert_norms",
     "convert_sync",
     "create_norm",
+    "diagnostics",
     "double_forward_pass",
     "dyt_alpha_init",
+    "fold_batchnorm",
+    "fold_dyt",
+    "freeze_batchnorm",
     "get_norm_layer",
     "init",
     "init_batchless",
@@ -82,6 +98,8 @@ __all__ = [
     "models",
     "nn",
     "register_norm",
+    "remove_layernorm_scaling",
     "revert_sync",
     "total_aux_loss",
+    "unfreeze_batchnorm",
 ]

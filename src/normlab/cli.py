@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from normlab import __version__
+from normlab import __version__, cli_bench, cli_convert, cli_diagnose, cli_study
 from normlab.blocks import PLACEMENTS, list_placements
 from normlab.norms import NORMS, list_norms
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="run a train step and an eval pass of every norm, checked against fp64")
     p.add_argument("names", nargs="*", help="norms to check (default: all)")
     p.set_defaults(func=cmd_smoke)
+    for command in (cli_convert, cli_diagnose, cli_study, cli_bench):  # each adds its subcommands
+        command.add_parser(sub)
     return parser
 
 

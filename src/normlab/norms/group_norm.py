@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab import functional as NF
 from normlab.norms._base import (
     Device,
     DType,
@@ -73,7 +73,7 @@ class GroupNorm(NormMixin, nn.GroupNorm):
                 f"each group holds a single value for input of shape {tuple(x.shape)} "
                 f"(num_groups={self.num_groups}), so its variance is undefined; use fewer groups"
             )
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"

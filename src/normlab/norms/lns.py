@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from normlab import functional as NF
@@ -94,14 +95,15 @@ class LayerNormScaling(NormMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         s = self.scale
-        w = None if self.weight is None else self.weight * s
-        b = None if self.bias is None else self.bias * s
         shape = (self.num_features,)
-        if self.base == "layernorm":
-            y = NF.layer_norm(x, shape, w, b, self.eps)
+        if self.weight is None:  # the scale as a constant weight: still no extra pass over x
+            w = torch.full(shape, s, dtype=NF.compute_dtype(x), device=x.device)
         else:
-            y = NF.rms_norm(x, shape, w, b, self.eps)
-        return y * s if w is None else y
+            w = self.weight * s
+        b = None if self.bias is None else self.bias * s
+        if self.base == "layernorm":
+            return NF.layer_norm(x, shape, w, b, self.eps)
+        return NF.rms_norm(x, shape, w, b, self.eps)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, layer_idx={self.layer_idx}, base={self.base!r}, eps={self.eps}"

@@ -1,0 +1,731 @@
+"""``convert_norms``: change the normalization of an existing model, keeping what the maths allows.
+
+Works on any ``nn.Module`` tree (torch, normlab, Hugging Face, timm, torchvision models): every
+norm :func:`~normlab.convert.detect.read_norm` can read is a candidate; ``where`` selects among
+them; each selected one is replaced, in every place it is held, by a normlab norm built from the
+source's features, eps and layout, with its affine parameters (and statistics) carried over
+where they mean the same thing. :func:`revert` undoes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab.convert.detect import TOKEN_KINDS, NormInfo, UnsupportedNormError, read_norm
+from normlab.convert.lns import LNSScale
+from normlab.convert.select import (
+    BlockStack,
+    Occurrence,
+    Where,
+    compile_where,
+    find_blocks,
+    occurrences,
+)
+from normlab.norms import NORMS
+from normlab.norms._base import NormMixin, NormSpec
+from normlab.norms.batchless import BatchlessNorm
+
+__all__ = ["ConversionReport", "Replacement", "Skipped", "convert_norms", "revert"]
+
+EXACT = "exact"
+ZERO_MEAN = "exact on zero-mean inputs"
+EVAL = "exact in eval"
+NEW = "approximate: new function"
+
+
+# options worth a glance in the report's table (the rest is in to_dict())
+_SHOWN_OPTIONS = ("layer_idx", "base", "num_groups", "channels_first")
+
+
+class _RefusedError(Exception):
+    """A conversion that cannot be done; the message says why."""
+
+
+@dataclass
+class Replacement:
+    """One module replaced by :func:`convert_norms`.
+
+    Attributes:
+        names: every qualified name the module is held under (more than one when shared).
+        source: class name of the replaced module.
+        target: class name of the new module.
+        relation: how the new function relates to the old one: ``"exact"``, ``"exact on
+            zero-mean inputs"``, ``"exact in eval"`` or ``"approximate: new function"``.
+        depth: index of the block that holds it, ``None`` outside the block stack.
+        options: the keyword arguments the new module was built with (device/dtype left out).
+        copied: target tensor -> where its value came from (``"weight"``, ``"1 + weight"``,
+            ``"sqrt(running_var + eps)"``, ...).
+        shared: the copied tensors that are the very same ``Parameter``/buffer objects as the
+            source's (an optimizer built before the conversion keeps updating them).
+        new: target tensors that were freshly initialised -> their init.
+        dropped: source tensors that have no counterpart in the new module.
+    """
+
+    names: tuple[str, ...]
+    source: str
+    target: str
+    relation: str
+    depth: int | None
+    options: dict[str, Any]
+    copied: dict[str, str] = field(default_factory=dict)
+    shared: list[str] = field(default_factory=list)
+    new: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    old_module: nn.Module | None = field(default=None, repr=False, compare=False)
+    new_module: nn.Module | None = field(default=None, repr=False, compare=False)
+    # internal: the slots that hold the module and which target tensors are source tensors
+    slots: list[tuple[nn.Module, str]] = field(default_factory=list, repr=False, compare=False)
+    moved: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "source": self.source,
+            "target": self.target,
+            "relation": self.relation,
+            "depth": self.depth,
+            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "copied": dict(self.copied),
+            "shared": list(self.shared),
+            "new": dict(self.new),
+            "dropped": list(self.dropped),
+        }
+
+    def summary(self) -> str:
+        parts = []
+        shown = [f"{k}={self.options[k]}" for k in _SHOWN_OPTIONS if k in self.options]
+        if shown:
+            parts.append(", ".join(shown))
+        if self.copied:
+            parts.append(", ".join(k if k == v else f"{k}<-{v}" for k, v in self.copied.items()))
+        if self.new:
+            parts.append("new " + ", ".join(f"{k}={v}" for k, v in self.new.items()))
+        if self.dropped:
+            parts.append("dropped " + ", ".join(self.dropped))
+        return "; ".join(parts)
+
+
+@dataclass
+class Skipped:
+    """A norm :func:`convert_norms` left as it was, and why."""
+
+    names: tuple[str, ...]
+    source: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "source": self.source, "reason": self.reason}
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_norms` did (or, with ``dry_run``, would do). ``str(report)`` is a table.
+
+    ``recipe`` holds the call's arguments when they are plain data (a ``where`` given as
+    strings or ranges), so that a saved conversion can be re-applied to a fresh model
+    (the ``normlab convert`` checkpoints); otherwise it is ``None``.
+    """
+
+    to: str
+    replaced: list[Replacement] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    blocks: BlockStack | None = None
+    dry_run: bool = False
+    recipe: dict[str, Any] | None = None
+    reverted: bool = False
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "dry_run": self.dry_run,
+            "blocks": None if self.blocks is None else {"name": self.blocks.name, "size": self.blocks.size},
+            "replaced": [r.to_dict() for r in self.replaced],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "recipe": self.recipe,
+        }
+
+    def __str__(self) -> str:
+        verb = "would replace" if self.dry_run else "replaced"
+        head = f"convert_norms -> {self.to}: {verb} {len(self.replaced)} norms, skipped {len(self.skipped)}"
+        if self.blocks is not None:
+            head += f" (blocks: {self.blocks.name or '<root>'}, {self.blocks.size})"
+        lines = [head]
+        rows = [
+            [", ".join(r.names), f"{r.source} -> {r.target}", r.relation, r.summary()] for r in self.replaced
+        ]
+        lines += _columns(rows)
+        if self.skipped:
+            lines.append("skipped:")
+            lines += _columns([[", ".join(s.names), s.source, s.reason] for s in self.skipped])
+        return "\n".join(lines)
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() + "  " + r[-1]
+        for r in rows
+    ]
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+def _resolve_target(to: str | type) -> tuple[str, type[nn.Module]]:
+    if isinstance(to, str):
+        name = NORMS.resolve(to)
+        return name, NORMS.get(name)
+    reg = getattr(to, "registry_name", None)
+    if isinstance(to, type) and isinstance(reg, str) and reg in NORMS and NORMS.get(reg) is to:
+        return reg, to
+    raise ValueError(
+        f"convert_norms: to must be a registered norm name or class (see normlab.list_norms()), got {to!r}"
+    )
+
+
+def _default_selected(info: NormInfo, spec: NormSpec) -> bool:
+    """Which norms ``where=None`` converts: LayerNorm-like ones for per-token targets, BatchNorms for
+    channel targets. BatchNorm is left alone when converting to DyT & co., as the DyT authors
+    advise (jiachenzhu/DyT#9: DyT does not replace BN without a loss)."""
+    if spec.layout == "channel":
+        return info.kind == "batchnorm"
+    return info.kind in TOKEN_KINDS
+
+
+def _family_of_unreadable(module: nn.Module) -> str:
+    return "channel" if "BatchNorm" in type(module).__name__ else "last"
+
+
+def _placement(module: nn.Module, model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    for source in (module, model):
+        t = next((t for t in (*source.parameters(), *source.buffers()) if t.is_floating_point()), None)
+        if t is not None:
+            return t.device, t.dtype
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Building one replacement
+
+
+def _signature(cls: type[nn.Module]) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(cls.__init__).parameters
+
+
+def _build_kwargs(
+    info: NormInfo,
+    target: str,
+    cls: type[nn.Module],
+    depth: int | None,
+    name: str,
+    stack: BlockStack | None,
+    norm_kwargs: Mapping[str, Any],
+) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+    spec: NormSpec = cls.spec  # type: ignore[attr-defined]
+    sig = _signature(cls)
+    kw: dict[str, Any] = {}
+    # Layout: the new norm must normalize the same dimension as the old one.
+    where_src = "dimension 1 of (N, C, *) inputs" if info.channels_first else "the last dimension"
+    if spec.layout == "channel":
+        if "channels_first" in sig:
+            kw["channels_first"] = info.channels_first
+        elif not info.channels_first:
+            raise _RefusedError(
+                f"{cls.__name__} normalizes dimension 1 of (N, C, *) inputs, {info.source} {where_src}"
+            )
+    elif info.channels_first:
+        if "channels_first" not in sig:
+            raise _RefusedError(f"{cls.__name__} normalizes the last dimension, {info.source} {where_src}")
+        kw["channels_first"] = True
+    if len(info.shape) > 1 and target not in ("layernorm", "rmsnorm"):
+        raise _RefusedError(
+            f"{info.source} normalizes over {len(info.shape)} trailing dimensions {info.shape}; "
+            f"{cls.__name__} takes a single feature dimension"
+        )
+    features: int | tuple[int, ...] = info.shape if len(info.shape) > 1 else info.shape[0]
+    # eps keeps its meaning across LayerNorm/RMSNorm/BatchNorm/GroupNorm (added to a variance)
+    if "eps" in sig and info.kind not in ("pointwise", "identity", "batchless", "other"):
+        if info.eps is not None:
+            kw["eps"] = info.eps
+        elif target in ("rmsnorm",):
+            kw["eps"] = None  # torch.nn.RMSNorm's default: finfo(dtype).eps at run time
+    if target == "rmsnorm" and info.kind == "rmsnorm":
+        if info.eps_mode != "inside":
+            kw["eps_mode"] = info.eps_mode
+        if info.p is not None:
+            kw["p"] = info.p
+    has_weight = info.weight is not None
+    if info.kind == "identity":
+        has_weight = True  # nothing to mirror: the target keeps its own default affine
+    affine_key = (
+        "elementwise_affine" if "elementwise_affine" in sig else "affine" if "affine" in sig else None
+    )
+    if affine_key is not None and not has_weight:
+        kw[affine_key] = False
+    if target == "lns":
+        base = norm_kwargs.get("base")
+        if base is None:
+            rms_like = info.kind == "rmsnorm" or (info.kind == "lns" and "rmsnorm" in info.note)
+            base = "rmsnorm" if rms_like else "layernorm"
+        kw["base"] = base
+    if "bias" in sig and has_weight and info.kind != "identity":
+        default_bias = sig["bias"].default
+        if target == "lns":
+            default_bias = kw["base"] == "layernorm"
+        # mirror the source, but never add a bias the target has none of by default (RMSNorm)
+        kw["bias"] = bool(info.bias is not None) if default_bias else False
+    if info.kind in ("batchnorm", "instancenorm") and spec.running_stats:
+        if "momentum" in sig:
+            kw["momentum"] = info.momentum
+        if "track_running_stats" in sig:
+            kw["track_running_stats"] = info.track_running_stats
+    if "num_groups" in sig and "num_groups" not in norm_kwargs:
+        if info.kind == "groupnorm" and info.num_groups is not None:
+            kw["num_groups"] = info.num_groups
+        else:
+            default = sig["num_groups"].default
+            if isinstance(default, int) and isinstance(features, int):
+                # the paper's 32 groups where they divide the channels, else the largest divisor below
+                kw["num_groups"] = math.gcd(default, features)
+    for need in spec.needs:
+        if need in norm_kwargs:
+            continue
+        if need == "layer_idx":
+            if depth is None:
+                where_blocks = f"the block stack {stack.name!r}" if stack is not None else "a block stack"
+                raise _RefusedError(
+                    f"{cls.__name__} needs layer_idx (the index of its block), and {name!r} is not inside "
+                    f"{where_blocks}; leave it out with where=, or pass layer_idx="
+                )
+            kw["layer_idx"] = depth
+        else:
+            raise _RefusedError(f"{cls.__name__} needs {need!r}; pass it as a keyword argument")
+    kw.update(norm_kwargs)
+    return features, kw
+
+
+def _relation(info: NormInfo, target: str, kw: Mapping[str, Any], depth: int | None) -> str:
+    src = info.kind
+    lns_base = kw.get("base") if target == "lns" else None
+    if src == "lns" and target in ("layernorm", "rmsnorm"):
+        base = "rmsnorm" if "rmsnorm" in info.note else "layernorm"
+        if base == target and (info.weight is not None or info.scale == 1.0):
+            return EXACT
+        return ZERO_MEAN if info.weight is not None or info.scale == 1.0 else NEW
+    if src in ("layernorm", "rmsnorm") and target == src:
+        return EXACT
+    if src in ("layernorm", "rmsnorm") and target in ("layernorm", "rmsnorm"):
+        return ZERO_MEAN
+    if src in ("layernorm", "rmsnorm") and target == "lns":
+        base = EXACT if lns_base == src else ZERO_MEAN
+        return base if kw.get("layer_idx") == 0 else f"{base}, then x 1/sqrt(layer_idx + 1)"
+    if src == "batchnorm" and target in ("batchnorm", "crossbn"):
+        return EXACT
+    if src == "batchnorm" and target == "batchless":
+        return EVAL if info.running_mean is not None and info.running_var is not None else NEW
+    if src == "batchless" and target in ("batchnorm", "crossbn"):
+        return EVAL
+    if src == target and src in ("groupnorm", "instancenorm"):
+        return EXACT if kw.get("num_groups", info.num_groups) == info.num_groups else NEW
+    return NEW
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
+    """Give ``module`` ``value`` as its parameter or buffer ``name`` (the same object)."""
+    if name in module._parameters:
+        module._parameters[name] = value  # type: ignore[assignment]
+    else:
+        module._buffers[name] = value
+
+
+def _describe_init(t: Tensor) -> str:
+    """``"0.5"`` for a tensor filled with one value, else ``"init"``."""
+    t = t.detach()
+    if t.device.type != "meta" and t.numel() and bool((t == t.reshape(-1)[0]).all()):
+        return f"{float(t.reshape(-1)[0]):g}"
+    return "init"
+
+
+def _transfer(info: NormInfo, new: nn.Module, target: str, rec: Replacement, copy_affine: bool) -> None:
+    """Carry the source's state into ``new`` and record what went where."""
+    src = info.module
+    handled: set[str] = set()
+    rg_default = (
+        any(p.requires_grad for p in src.parameters()) if any(True for _ in src.parameters()) else True
+    )
+
+    def carry(target_name: str, value: Tensor | None, source_expr: str, transform: str | None) -> None:
+        current = getattr(new, target_name, None)
+        if not isinstance(current, Tensor) or value is None or tuple(value.shape) != tuple(current.shape):
+            return
+        handled.add(target_name)
+        unchanged = transform is None and value.dtype == current.dtype and value.device == current.device
+        if unchanged and (isinstance(value, nn.Parameter) == isinstance(current, nn.Parameter)):
+            _set_tensor(new, target_name, value)
+            rec.shared.append(target_name)
+            rec.moved[target_name] = source_expr
+            rec.copied[target_name] = source_expr
+            return
+        with torch.no_grad():
+            current.copy_(value.detach())
+        if isinstance(current, nn.Parameter):
+            current.requires_grad_(value.requires_grad if isinstance(value, nn.Parameter) else rg_default)
+        rec.copied[target_name] = transform or source_expr
+
+    if copy_affine:
+        w_expr = info.weight_transform()
+        w = info.weight if w_expr is None else info.effective_weight()
+        carry("weight", w, "weight", w_expr)
+        b = info.bias if info.scale == 1.0 else info.effective_bias()
+        carry("bias", b, "bias", None if info.scale == 1.0 else f"bias x {info.scale:.6g}")
+    # Statistics carry regardless of copy_affine: they describe the data, not learned affine.
+    if info.kind == "batchnorm":
+        if target == "batchless" and info.running_mean is not None and info.running_var is not None:
+            assert isinstance(new, BatchlessNorm) and info.eps is not None
+            with torch.no_grad():
+                new.set_statistics(
+                    info.running_mean.detach(), (info.running_var.detach().double() + info.eps).sqrt()
+                )
+            rec.copied["mean"] = "running_mean"
+            rec.copied[new.std_param_name] = "sqrt(running_var + eps)"
+            handled.update(("mean", new.std_param_name))
+        else:
+            for stat in ("running_mean", "running_var", "num_batches_tracked"):
+                carry(stat, getattr(info, stat), stat, None)
+    elif info.kind == "batchless" and isinstance(getattr(new, "running_var", None), Tensor):
+        mean, std = info.extra["mean"], info.extra["std"]
+        eps = float(getattr(new, "eps", 0.0))
+        with torch.no_grad():
+            new.running_mean.copy_(mean.detach())  # type: ignore[operator]
+            new.running_var.copy_((std.detach().double().square() - eps).clamp_min(0.0))  # type: ignore[operator]
+        rec.copied["running_mean"] = "mean"
+        rec.copied["running_var"] = "std^2 - eps"
+        handled.update(("running_mean", "running_var"))
+    # what the new module initialised itself, and what of the source found no home
+    for pname, p in new.named_parameters(recurse=False):
+        if pname not in handled:
+            rec.new[pname] = _describe_init(p)
+            p.requires_grad_(rg_default)
+    for bname, buf in new.named_buffers(recurse=False):
+        if bname not in handled and bname in new._buffers and bname not in new._non_persistent_buffers_set:
+            rec.new[bname] = _describe_init(buf)
+    carried = set(rec.copied.values())
+    source_tensors = {
+        "weight": info.weight,
+        "bias": info.bias,
+        "running_mean": info.running_mean,
+        "running_var": info.running_var,
+        "num_batches_tracked": info.num_batches_tracked,
+        **info.extra,
+    }
+    for sname, t in source_tensors.items():
+        if t is None:
+            continue
+        used = any(sname in expr for expr in carried)
+        if not used:
+            rec.dropped.append(sname)
+
+
+def _make(
+    info: NormInfo,
+    target: str,
+    cls: type[nn.Module],
+    occ: Occurrence,
+    depth: int | None,
+    stack: BlockStack | None,
+    model: nn.Module,
+    copy_affine: bool,
+    norm_kwargs: Mapping[str, Any],
+) -> Replacement:
+    if target == "lns" and any(isinstance(h, LNSScale) for h in info.module._forward_hooks.values()):
+        raise _RefusedError(
+            "it is already scaled by apply_layernorm_scaling; call remove_layernorm_scaling first"
+        )
+    features, kw = _build_kwargs(info, target, cls, depth, occ.name, stack, norm_kwargs)
+    device, dtype = _placement(info.module, model)
+    try:
+        new = cls(features, **kw, device=device, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise _RefusedError(f"building {cls.__name__}({features!r}, {kw}) failed: {e}") from e
+    relation = _relation(info, target, kw, depth)
+    if not copy_affine and (info.weight is not None or info.bias is not None):
+        relation = NEW + " (affine not copied)"
+    for key in ("eps", "eps_mode"):
+        if key in norm_kwargs and relation != NEW and norm_kwargs[key] != getattr(info, key):
+            relation = NEW
+    rec = Replacement(
+        names=tuple(occ.names),
+        source=info.source,
+        target=cls.__name__,
+        relation=relation,
+        depth=depth,
+        options=dict(kw),
+        old_module=info.module,
+        new_module=new,
+        slots=list(occ.slots),
+    )
+    _transfer(info, new, target, rec, copy_affine)
+    if "bias" in rec.dropped and relation in (EXACT, ZERO_MEAN, EVAL):
+        rec.relation = NEW + " (bias dropped)"
+    if info.note:
+        rec.options.setdefault("read", info.note)
+    new.train(info.module.training)
+    label = getattr(info.module, "qualified_name", None)
+    if isinstance(new, NormMixin) and isinstance(label, str):
+        new.qualified_name = label
+    return rec
+
+
+def _move_lns_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """LayerNorm Scaling is a forward hook on the norm (normlab.convert.lns); it moves with the norm."""
+    for key, hook in list(src._forward_hooks.items()):
+        if isinstance(hook, LNSScale):
+            del src._forward_hooks[key]
+            dst._forward_hooks[key] = hook
+
+
+# --------------------------------------------------------------------------------------------
+# The public functions
+
+
+def convert_norms(
+    model: nn.Module,
+    to: str | type,
+    *,
+    where: Where = None,
+    copy_affine: bool = True,
+    strict: bool = True,
+    dry_run: bool = False,
+    **norm_kwargs: Any,
+) -> ConversionReport:
+    """Replace the normalization modules of ``model`` (in place) by normlab norm ``to``.
+
+    ``convert_norms(llama, "dyt")`` turns every LlamaRMSNorm into a :class:`normlab.DyT`;
+    ``convert_norms(resnet, "groupnorm")`` every BatchNorm into a GroupNorm;
+    ``convert_norms(model, "dyt", where="layers.0-5")`` only the norms of blocks 0 to 5.
+
+    Norms are found anywhere (``Sequential``, ``ModuleList``, ``ModuleDict``, attributes) and read
+    by :func:`~normlab.convert.detect.read_norm`: torch's, normlab's, timm's (``LayerNorm2d``,
+    ``RmsNorm``, channels-first variants, ``FrozenBatchNorm2d``) and Hugging Face's per-model
+    classes (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``, Gemma's ``x * (1 + w)``
+    convention, GPT-2/BERT ``nn.LayerNorm``, ConvNeXt's channels-first LayerNorm). A module held
+    under several names is replaced by one new module held under all of them.
+
+    The new norm is built with the source's features, layout (``channels_first``), eps, affine
+    flags and, for BatchNorm-like targets, momentum and ``track_running_stats``; ``norm_kwargs``
+    override or add options (``alpha_init=0.8``, ``num_groups=8``, ``bias=True``). With
+    ``copy_affine`` the source's effective weight and bias are carried: Gemma's ``1 + w``, LNS's
+    ``w / sqrt(l+1)``. A tensor carried unchanged is *the same* ``Parameter``/buffer object
+    (optimizers keep working; :func:`revert` hands back what was trained). Statistics carry too:
+    BatchNorm running statistics to BatchNorm-like targets, and to Batchless as
+    ``mean = running_mean``, ``std = sqrt(running_var + eps)`` (equal in eval). Device, dtype,
+    ``requires_grad``, train/eval mode and normlab error labels are preserved.
+
+    Exactness (``Replacement.relation``): LayerNorm -> LayerNorm and RMSNorm -> RMSNorm (any
+    library, Gemma included) are exact; LayerNorm <-> RMSNorm are equal on zero-mean inputs;
+    BatchNorm -> normlab BatchNorm/CrossBatchNorm is exact, -> Batchless exact in eval; anything
+    -> DyT/Derf is a new function (Zhu et al. 2025, arXiv:2503.10622 train DyT from scratch;
+    the LayerNorm weight and bias are kept as DyT's weight and bias, alpha starts at
+    ``alpha_init``). To LNS (Sun et al. 2025, arXiv:2502.05795) each norm gets ``layer_idx`` =
+    the index of its block in the model's block stack.
+
+    Args:
+        model: the model; changed in place (not with ``dry_run``).
+        to: a registered norm name (``normlab.list_norms()``) or class.
+        where: which norms (see :func:`~normlab.convert.select.compile_where`): a name pattern
+            (``"layers.0-5"``, ``"h.*.ln_1"``), a depth range (``"0-5"``, ``range(6)``), a
+            class, a callable ``(name, module) -> bool``, or a list of these. ``None``: the
+            LayerNorm-like norms for a per-token target (LayerNorm, RMSNorm, DyT, LNS, ...),
+            the BatchNorms for a channel target (GroupNorm, Batchless, CrossBatchNorm, ...);
+            BatchNorm is left alone for DyT unless selected (DyT#9).
+        copy_affine: carry weight and bias (else the new norm keeps its own init).
+        strict: raise ``ValueError`` for a selected norm that cannot be converted (nothing is
+            changed then); with ``strict=False`` it is skipped and the report says why.
+        dry_run: build the report without changing the model.
+        **norm_kwargs: options of the target norm, for every replaced module.
+
+    Returns:
+        A :class:`ConversionReport`; a second identical call replaces nothing (modules that are
+        already ``to`` are skipped).
+    """
+    target, cls = _resolve_target(to)
+    spec: NormSpec = cls.spec  # type: ignore[attr-defined]
+    stack = find_blocks(model)
+    select = compile_where(where, stack)
+    report = ConversionReport(
+        to=target, blocks=stack, dry_run=dry_run, recipe=_recipe(target, where, copy_affine, norm_kwargs)
+    )
+    replaced_prefixes: list[str] = []
+    failures: list[str] = []
+    if _is_norm(model):  # the root has no parent slot to put a new module in
+        reason = "the model itself is a norm module; convert it inside a container (nn.Sequential(norm))"
+        if strict:
+            failures.append(reason)
+        else:
+            report.skipped.append(Skipped(("",), type(model).__name__, f"refused: {reason}"))
+    for occ in occurrences(model).values():
+        if any(n.startswith(p) for n in occ.names for p in replaced_prefixes):
+            continue
+        module = occ.module
+        if not any(select(n, module) for n in occ.names):
+            continue
+        try:
+            info = read_norm(module)
+        except UnsupportedNormError as e:
+            in_family = where is not None or _family_of_unreadable(module) == spec.layout
+            if in_family:
+                if strict:
+                    failures.append(f"{type(module).__name__} {occ.name!r}: {e}")
+                else:
+                    report.skipped.append(
+                        Skipped(tuple(occ.names), type(module).__name__, f"unsupported: {e}")
+                    )
+            continue
+        if info is None:
+            continue
+        if where is None and not _default_selected(info, spec):
+            reason = (
+                f"left alone: a {info.kind} is not replaced by {target} by default; select it with where="
+            )
+            report.skipped.append(Skipped(tuple(occ.names), info.source, reason))
+            continue
+        if type(module) is cls:
+            report.skipped.append(Skipped(tuple(occ.names), info.source, f"already {target}"))
+            continue
+        depth = None if stack is None else stack.depth_of(occ.name)
+        try:
+            rec = _make(info, target, cls, occ, depth, stack, model, copy_affine, norm_kwargs)
+        except _RefusedError as e:
+            if strict:
+                failures.append(f"{info.source} {occ.name!r}: {e}")
+            else:
+                report.skipped.append(Skipped(tuple(occ.names), info.source, f"refused: {e}"))
+            continue
+        report.replaced.append(rec)
+        replaced_prefixes += [n + "." for n in occ.names]
+    if failures:
+        raise ValueError(
+            f"convert_norms(to={target!r}): cannot convert {len(failures)} module(s), nothing was changed "
+            "(strict=False skips them):\n  " + "\n  ".join(failures)
+        )
+    for rec in report.replaced:
+        assert rec.old_module is not None and rec.new_module is not None
+        if dry_run:
+            rec.new_module = None  # built to check it can be, never installed
+            continue
+        _move_lns_hooks(rec.old_module, rec.new_module)
+        for parent, key in rec.slots:
+            parent._modules[key] = rec.new_module
+    return report
+
+
+def _is_norm(module: nn.Module) -> bool:
+    try:
+        return read_norm(module) is not None
+    except UnsupportedNormError:
+        return True
+
+
+def _recipe(
+    target: str, where: Where, copy_affine: bool, norm_kwargs: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    def plain(w: Where) -> Any:
+        if w is None or isinstance(w, str):
+            return w
+        if isinstance(w, range) and w.step == 1:
+            return f"{w.start}-{w.stop - 1}" if len(w) else None
+        if isinstance(w, (list, tuple)) and not any(isinstance(x, type) for x in w):
+            items = [plain(x) for x in w]
+            return items if all(isinstance(x, str) for x in items) else None
+        return None
+
+    where_plain = plain(where)
+    if where is not None and where_plain is None:
+        return None
+    if not all(v is None or isinstance(v, (bool, int, float, str)) for v in norm_kwargs.values()):
+        return None
+    return {"to": target, "where": where_plain, "copy_affine": copy_affine, "norm_kwargs": dict(norm_kwargs)}
+
+
+def revert(model: nn.Module, report: ConversionReport) -> nn.Module:
+    """Undo :func:`convert_norms`: put back the modules it replaced, in every place they were held.
+
+    Right after a conversion the model's ``state_dict`` is exactly what it was before. Tensors
+    the conversion *shared* (carried unchanged) are handed back as they are now, so training
+    done in between is kept there; tensors it transformed or dropped come back with the values
+    they had at conversion. The restored modules take the current device, dtype and train/eval
+    mode of the modules they replace. Returns ``model``.
+
+    Raises:
+        ValueError: a dry-run report, a report already reverted, or a model whose module at a
+            converted name is no longer the one the conversion put there (revert later
+            conversions first).
+    """
+    if report.dry_run:
+        raise ValueError("revert: the report is from a dry run; nothing was converted")
+    if report.reverted:
+        raise ValueError("revert: this conversion was already reverted")
+    for rec in report.replaced:
+        for (parent, key), name in zip(rec.slots, rec.names, strict=True):
+            if parent._modules.get(key) is not rec.new_module:
+                raise ValueError(
+                    f"revert: the module at {name!r} is not the {rec.target} this conversion installed "
+                    "(the model changed since, or a later conversion must be reverted first); "
+                    "nothing was changed"
+                )
+        if not _in_model(model, rec):
+            raise ValueError(f"revert: {rec.name!r} is not part of this model")
+    for rec in reversed(report.replaced):
+        old, new = rec.old_module, rec.new_module
+        assert old is not None and new is not None
+        for target_name, source_name in rec.moved.items():
+            value = getattr(new, target_name)
+            if isinstance(value, Tensor):
+                _set_tensor(old, source_name, value)
+        _follow(old, new)
+        _move_lns_hooks(new, old)
+        for parent, key in rec.slots:
+            parent._modules[key] = old
+    report.reverted = True
+    return model
+
+
+def _in_model(model: nn.Module, rec: Replacement) -> bool:
+    parents = {id(m) for m in model.modules()} | {id(model)}
+    return all(id(parent) in parents for parent, _ in rec.slots)
+
+
+def _follow(old: nn.Module, new: nn.Module) -> None:
+    """Move ``old`` to ``new``'s device and floating dtype (if they changed), and its mode."""
+    ref = next((t for t in (*new.parameters(), *new.buffers()) if t.is_floating_point()), None)
+    mine = next((t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point()), None)
+    if ref is not None and mine is not None and (ref.device != mine.device or ref.dtype != mine.dtype):
+        old.to(device=ref.device)
+        if ref.dtype != mine.dtype:
+            old.to(dtype=ref.dtype)
+    old.train(new.training)

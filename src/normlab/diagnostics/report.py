@@ -1,0 +1,159 @@
+"""``diagnose(model, batch)``: every probe in one call, as one JSON-ready report with findings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from normlab.diagnostics._results import Result
+from normlab.diagnostics.depth import (
+    AngularDistances,
+    Blocks,
+    Removal,
+    ResidualStream,
+    angular_distances,
+    block_influences,
+    hidden_from_captures,
+    removal_sensitivity,
+    residual_capture,
+    residual_stats,
+)
+from normlab.diagnostics.hooks import ModuleSelector, find_blocks, strip_prefixes
+from normlab.diagnostics.probes import (
+    Batch,
+    DyTRelation,
+    LayerStats,
+    LossFn,
+    NonFiniteReport,
+    probe_pass,
+)
+from normlab.diagnostics.tracking import ModelUpdateHistory
+from normlab.diagnostics.verdict import Finding, Thresholds, verdicts
+
+
+@dataclass
+class ModelInfo(Result):
+    """What was measured: the class, parameter count and the blocks found."""
+
+    model_type: str
+    num_params: int
+    num_blocks: int
+    block_names: list[str]
+    spec: str = ""
+
+
+@dataclass
+class DiagnosticsReport(Result):
+    """Everything :func:`diagnose` measured; ``to_dict()``/``to_json()`` for ``diagnostics.json``.
+
+    ``layers`` are per-module statistics (:class:`~normlab.diagnostics.probes.LayerStats`);
+    ``residual``, ``angular``, ``block_influence`` and ``removal`` are per block (``None``/empty
+    when the model has no blocks); ``findings`` come from
+    :func:`~normlab.diagnostics.verdict.verdicts`.
+    """
+
+    model: ModelInfo
+    data: str
+    loss: float
+    loss_kind: str
+    layers: list[LayerStats]
+    residual: ResidualStream | None = None
+    angular: AngularDistances | None = None
+    block_influence: list[float] = field(default_factory=list)
+    removal: Removal | None = None
+    dyt: DyTRelation | None = None
+    nonfinite: NonFiniteReport | None = None
+    model_update: ModelUpdateHistory | None = None
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def refresh_findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
+        """Recompute :attr:`findings` (e.g. after attaching a model-update history)."""
+        self.findings = verdicts(self, thresholds)
+        return self.findings
+
+
+def diagnose(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    layers: ModuleSelector | None = None,
+    blocks: Blocks | None = None,
+    loss_fn: LossFn | None = None,
+    gradients: bool = True,
+    removal: bool = True,
+    max_n: int | None = None,
+    train: bool | None = None,
+    model_update: ModelUpdateHistory | None = None,
+    thresholds: Thresholds | None = None,
+    data: str = "",
+    spec: str = "",
+) -> DiagnosticsReport:
+    """Measure what normalization does in ``model`` on ``batch``; nothing is printed or plotted.
+
+    One forward+gradient pass gives the per-layer statistics, the residual stream, the DyT
+    relation and the non-finite check; with ``removal``, one no-grad pass per block gives the
+    layer-removal sensitivity. The model (parameters, ``.grad``, buffers, modes, hooks, random
+    state) is left as it was.
+
+    Args:
+        model: any ``nn.Module``.
+        batch: what the model is called with (tensor, tuple or mapping of keyword inputs).
+        layers: modules for per-layer statistics (default: the blocks, else conv/linear layers).
+        blocks: the residual blocks, as ``(name, module)`` pairs (default: :func:`find_blocks`).
+        loss_fn: ``output -> scalar`` loss (default: ``output.loss``, else a mean-square surrogate).
+        gradients: measure gradient norms.
+        removal: measure the loss change when each block is removed.
+        max_n: rows of the angular-distance table (default: all).
+        train: mode of the passes (``None``: keep the model's).
+        model_update: a :class:`~normlab.diagnostics.tracking.ModelUpdateHistory` to include.
+        thresholds: for the findings.
+        data, spec: free text recorded in the report (what the batch is, how the model was built).
+    """
+    notes: list[str] = []
+    if blocks is None:
+        try:
+            blocks = find_blocks(model)
+        except ValueError as e:
+            blocks = []
+            notes.append(str(e))
+    blocks = list(blocks)
+    captures = residual_capture(model, blocks) if blocks else ()
+    passed = probe_pass(
+        model,
+        batch,
+        layers=layers if layers is not None else (blocks or None),
+        loss_fn=loss_fn,
+        gradients=gradients,
+        train=train,
+        extra_captures=captures,
+    )
+    notes += passed.notes
+    report = DiagnosticsReport(
+        model=ModelInfo(
+            model_type=type(model).__name__,
+            num_params=sum(p.numel() for p in model.parameters()),
+            num_blocks=len(blocks),
+            block_names=[strip_prefixes(n) for n, _ in blocks],
+            spec=spec,
+        ),
+        data=data,
+        loss=passed.loss,
+        loss_kind=passed.loss_kind,
+        layers=passed.layers,
+        dyt=passed.dyt,
+        nonfinite=passed.nonfinite,
+        model_update=model_update,
+        notes=notes,
+    )
+    if blocks:
+        hidden = hidden_from_captures(*captures)
+        report.residual = residual_stats(hidden, ["input", *report.model.block_names])
+        report.angular = angular_distances(hidden, max_n=max_n)
+        report.block_influence = block_influences(hidden)
+        if removal and math.isfinite(passed.loss):
+            report.removal = removal_sensitivity(model, batch, blocks=blocks, loss_fn=loss_fn, train=train)
+    report.findings = verdicts(report, thresholds)
+    return report

@@ -1,0 +1,57 @@
+"""Fused CPU kernels for normlab's norms, used automatically by the layers.
+
+A normalization layer reads its input once and writes its output once (backward: reads ``x`` and
+``dy``, writes ``dx``), so it is memory-bound and its speed limit is the machine's copy bandwidth.
+Eager torch is far from it on CPU for most norms (DyT's ``tanh``, RMSNorm's composite autograd,
+GroupNorm on token layouts, see ``design/performance.md``); these ops make one pass each way:
+
+- ``normlab::dyt`` / ``derf``: DyT (arXiv:2503.10622) and Derf (arXiv:2512.10938), ``(*, C)`` and
+  ``(N, C, *)``; tanh by the clamped 13/6 rational of Eigen/XLA (max abs error 3.4e-7).
+- ``normlab::rms_norm`` / ``layer_norm``: RMSNorm (arXiv:1910.07467, eps inside or outside the
+  square root, optional bias) and LayerNorm (arXiv:1607.06450) over trailing dimensions; LNS
+  (arXiv:2502.05795) folds its scale into their affine.
+- ``normlab::add_rms_norm`` / ``add_layer_norm``: residual add fused with the norm,
+  ``h = x + r; y = norm(h)``, returning ``(y, h)`` (see :func:`normlab.functional.add_layer_norm`).
+- ``normlab::group_norm``: GroupNorm (arXiv:1803.08494) for ``(N, C, *)`` stored contiguous or
+  channels-last, so ``(N, L, C)`` tokens passed as ``x.transpose(1, 2)`` take a one-sweep path.
+
+fp32, fp64, bf16 and fp16 inputs; statistics and parameter grads accumulated in fp32 (fp64 for
+fp64). The ops are ``torch.library`` operators with fake kernels and autograd, so
+``torch.compile`` keeps them in the graph; double backward recomputes through plain torch.
+
+The library is compiled at the first fused call (about a minute, then cached, see
+:func:`status`); with no compiler, the plain-torch path runs after one warning. Switch the
+kernels off with ``NORMLAB_KERNELS=0``, :func:`set_enabled` or the :func:`use_kernels` context
+manager. GPU tensors always take the plain path (no Triton kernels yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normlab.kernels import _build
+from normlab.kernels._build import status
+from normlab.kernels._dispatch import usable
+from normlab.kernels._switch import enabled, set_enabled, use_kernels
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile (or load from the cache) the fused CPU ops now; ``True`` if they are usable.
+
+    The first fused call does this anyway; calling it up front moves the one-time cost (about a
+    minute on 2 cores) out of the first training step. ``verbose`` shows the compiler output.
+    """
+    return _build.ensure_built(verbose=verbose)
+
+
+def available() -> bool:
+    """Whether the fused CPU ops are built and loaded in this process (does not build)."""
+    return _build.STATE.loaded
+
+
+def info() -> dict[str, Any]:
+    """:func:`status` plus the switch: what ``normlab bench`` records next to its figures."""
+    return {"enabled": enabled(), **status()}
+
+
+__all__ = ["available", "build", "enabled", "info", "set_enabled", "status", "usable", "use_kernels"]

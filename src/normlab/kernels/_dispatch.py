@@ -1,0 +1,187 @@
+"""When a fused op may replace the plain-torch path, and the calls that do it.
+
+Each function returns the fused result, or ``None`` when the plain path must run: kernels off,
+library not built (or failed), a device or dtype without a kernel, an empty tensor, a tensor
+subclass, fx proxies, ``torch.func`` transforms (vmap/grad wrap tensors: the ops have no batching
+rule), forward-mode AD (the ops have no JVP) or autocast (its per-op dtype lists do not name them). Under ``torch.compile`` the decision reads the
+build state without building, so tracing never compiles C++.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+
+from normlab.kernels import _build
+from normlab.kernels._ops import OPS
+from normlab.kernels._switch import _Switch
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def usable(x: Tensor, *params: Tensor | None) -> bool:
+    """True if the fused CPU ops can compute ``x`` with these parameters (may build on first call)."""
+    if not _Switch.on:
+        return False
+    if type(x) not in _PLAIN_TYPES or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    # Parameters as wide as the accumulation at most: a wider parameter (fp64 weights on fp32
+    # input) makes the plain path compute in that dtype, which the kernel does not.
+    widest = 8 if x.dtype == torch.float64 else 4
+    for p in params:
+        if p is None:
+            continue
+        if type(p) not in _PLAIN_TYPES or p.device != x.device or not p.is_floating_point():
+            return False
+        if p.element_size() > widest:
+            return False
+    # Autocast's op lists (LayerNorm in fp32, ...) do not know the fused ops: keep torch's behaviour.
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if torch.compiler.is_compiling():
+        return _build.STATE.loaded
+    if _forward_ad._current_level >= 0:
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if is_wrapped(x) or any(p is not None and is_wrapped(p) for p in params):
+        return False
+    return _build.ensure_built()
+
+
+def _channels_last_view(x: Tensor, channel_dim: int) -> bool:
+    """``x`` is (N, C, *) stored channels-last: moving C to the end gives a contiguous tensor."""
+    return channel_dim == 1 and x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def dyt(
+    x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
+) -> Tensor | None:
+    if not usable(x, alpha, weight, bias):
+        return None
+    if _channels_last_view(x, channel_dim):  # keep the memory format, skip the copy
+        return cast(Tensor, OPS.dyt(x.movedim(1, -1), alpha, weight, bias, -1).movedim(-1, 1))
+    return cast(Tensor, OPS.dyt(x, alpha, weight, bias, channel_dim))
+
+
+def derf(
+    x: Tensor, alpha: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
+) -> Tensor | None:
+    if not usable(x, alpha, shift, weight, bias):
+        return None
+    if _channels_last_view(x, channel_dim):
+        return cast(Tensor, OPS.derf(x.movedim(1, -1), alpha, shift, weight, bias, -1).movedim(-1, 1))
+    return cast(Tensor, OPS.derf(x, alpha, shift, weight, bias, channel_dim))
+
+
+def _row_size(x: Tensor, normalized_shape: tuple[int, ...], *params: Tensor | None) -> int | None:
+    k = len(normalized_shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k :]) != normalized_shape:
+        return None
+    n = math.prod(normalized_shape)
+    if any(p is not None and p.numel() != n for p in params):
+        return None
+    return n
+
+
+def _moved_channels(x: Tensor, normalized_shape: tuple[int, ...]) -> bool:
+    """``x`` is ``t.movedim(1, -1)`` of a contiguous ``(N, C, *)`` ``t`` (a channels-first
+    LayerNorm/RMSNorm): the kernel normalizes over dimension 1 of ``t`` in place of a copy."""
+    return (
+        len(normalized_shape) == 1
+        and x.dim() > 2
+        and not x.is_contiguous()
+        and x.movedim(-1, 1).is_contiguous()
+    )
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    eps_inside: bool,
+) -> Tensor | None:
+    n = _row_size(x, normalized_shape, weight, bias)
+    if n is None or not usable(x, weight, bias):
+        return None
+    if _moved_channels(x, normalized_shape):
+        return cast(
+            Tensor, OPS.rms_norm(x.movedim(-1, 1), n, weight, bias, eps, eps_inside, True).movedim(1, -1)
+        )
+    return cast(Tensor, OPS.rms_norm(x, n, weight, bias, eps, eps_inside))
+
+
+def layer_norm(
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    n = _row_size(x, normalized_shape, weight, bias)
+    if n is None or not usable(x, weight, bias):
+        return None
+    if _moved_channels(x, normalized_shape):
+        return cast(Tensor, OPS.layer_norm(x.movedim(-1, 1), n, weight, bias, eps, True).movedim(1, -1))
+    return cast(Tensor, OPS.layer_norm(x, n, weight, bias, eps))
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    eps_inside: bool,
+) -> tuple[Tensor, Tensor] | None:
+    n = _row_size(x, normalized_shape, weight, bias)
+    if (
+        n is None
+        or residual.shape != x.shape
+        or residual.dtype != x.dtype
+        or not usable(x, residual, weight, bias)
+    ):
+        return None
+    y, h = OPS.add_rms_norm(x, residual, n, weight, bias, eps, eps_inside)
+    return y, h
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor] | None:
+    n = _row_size(x, normalized_shape, weight, bias)
+    if (
+        n is None
+        or residual.shape != x.shape
+        or residual.dtype != x.dtype
+        or not usable(x, residual, weight, bias)
+    ):
+        return None
+    y, h = OPS.add_layer_norm(x, residual, n, weight, bias, eps)
+    return y, h
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """(N, C, *) input, contiguous or channels-last in memory (``(N, L, C)`` tokens passed as
+    ``x.transpose(1, 2)`` are channels-last); any other layout takes the plain path."""
+    if x.dim() < 2 or x.shape[1] % num_groups or not usable(x, weight, bias):
+        return None
+    n, c = x.shape[0], x.shape[1]
+    if x.is_contiguous():
+        y = OPS.group_norm(x.reshape(n, c, -1), num_groups, weight, bias, eps, False)
+        return cast(Tensor, y.view(x.shape))
+    moved = x.movedim(1, -1)
+    if moved.is_contiguous():
+        y = OPS.group_norm(moved.reshape(n, -1, c), num_groups, weight, bias, eps, True)
+        return cast(Tensor, y.view(moved.shape).movedim(-1, 1))
+    return None

@@ -1,0 +1,384 @@
+"""The report of a study: ``report.md``, ``results.json`` and PNG plots, from the logged numbers.
+
+Everything is recomputed from the run directories: each run's metrics come from its
+``metrics.jsonl`` (via :func:`normlab.train.summarize`), the claims from the rules stored in
+``plan.json`` before the first run. Runs without ``result.json`` (unfinished or failed) are
+listed, not counted. Plots need matplotlib (``pip install normlab[plot]``); without it the
+report says so and keeps the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from normlab.data._paths import atomic_write_bytes
+from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
+from normlab.studies.runner import ERROR_FILE, load_plan, run_dir
+from normlab.train.logger import read_jsonl
+from normlab.train.loop import METRICS_FILE, RESULT_FILE, summarize, write_json
+
+VERDICT_MARK = {
+    "reproduced": "reproduced",
+    "not reproduced": "NOT reproduced",
+    "inconclusive": "inconclusive",
+}
+
+
+def run_metrics(
+    records: list[dict[str, Any]], summary: Mapping[str, Any], custom: Mapping[str, MetricFn]
+) -> dict[str, float | None]:
+    """The scalar metrics of a run: its final evaluation, ``train_loss``, ``diverged``, custom ones."""
+    out: dict[str, float | None] = {}
+    for k, v in summary.get("final", {}).items():
+        out[k] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    tl = summary.get("train_loss")
+    out["train_loss"] = float(tl) if isinstance(tl, (int, float)) and math.isfinite(tl) else None
+    out["diverged"] = 1.0 if summary.get("diverged") else 0.0
+    for name, fn in custom.items():
+        value = fn(records, summary)
+        out[name] = float(value) if value is not None and math.isfinite(value) else None
+    return out
+
+
+def _curve(points: list[list[tuple[int, float]]]) -> dict[str, list[float]]:
+    """Mean and sd over seeds at the steps every seed logged."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for seed_points in points:
+        for step, value in seed_points:
+            by_step[step].append(value)
+    steps = sorted(s for s, v in by_step.items() if len(v) == len(points))
+    stats = [Stats(tuple(by_step[s])) for s in steps]
+    return {"step": [float(s) for s in steps], "mean": [s.mean for s in stats], "sd": [s.sd for s in stats]}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) -> dict[str, Any]:
+    """The results of a study directory as a JSON-ready dict (what ``results.json`` holds)."""
+    study_dir = Path(study_dir)
+    plan = load_plan(study_dir)
+    if study is None and plan["study"] in STUDIES:
+        study = STUDIES.get(plan["study"])
+    custom = dict(study.metrics) if study is not None else {}
+    needed = {c["metric"] for c in plan["claims"]}
+    builtin = {"train_loss", "diverged"}
+    runs: dict[str, Any] = {}
+    for r in plan["runs"]:
+        path = run_dir(study_dir, r["key"])
+        records = read_jsonl(path / METRICS_FILE)
+        is_done = (path / RESULT_FILE).is_file()
+        summary = summarize(records)
+        result = json.loads((path / RESULT_FILE).read_text()) if is_done else {}
+        status = "finished" if is_done else ("failed" if (path / ERROR_FILE).is_file() else "unfinished")
+        start = next((x for x in records if x.get("kind") == "start"), {})
+        runs[r["key"]] = {
+            "group": r["group"],
+            "cell": r["cell"],
+            "seed": r["seed"],
+            "params": r["params"],
+            "status": status,
+            "metrics": run_metrics(records, summary, custom) if is_done else {},
+            "diverged_at": summary.get("diverged_at"),
+            "steps": summary.get("steps"),
+            "wall_s": result.get("wall_s"),
+            "threads": result.get("threads"),
+            "kernels": result.get("kernels"),
+            "data": start.get("data"),
+            "probe": summary.get("probe", {}) if is_done else {},
+            "_records": records,
+        }
+    missing_metric = sorted(
+        m for m in needed - builtin - custom.keys() if not any(m in x["metrics"] for x in runs.values())
+    )
+    if missing_metric and any(x["status"] == "finished" for x in runs.values()):
+        raise ValueError(
+            f"report: metric(s) {missing_metric} are neither logged nor defined by a registered study "
+            f"{plan['study']!r}"
+        )
+
+    cells: dict[str, Any] = {}
+    for key, run in runs.items():
+        cell = cells.setdefault(
+            run["cell"], {"group": run["group"], "params": run["params"], "runs": [], "metrics": {}}
+        )
+        cell["runs"].append(key)
+    for cell in cells.values():
+        finished = [runs[k] for k in cell["runs"] if runs[k]["status"] == "finished"]
+        names = sorted({m for r in finished for m in r["metrics"]})
+        for m in names:
+            values = tuple(r["metrics"][m] for r in finished if _finite(r["metrics"].get(m)))
+            if values:  # a custom metric of another group (None everywhere here) is left out
+                cell["metrics"][m] = Stats(values).to_dict()
+        cell["finished"] = len(finished)
+        cell["diverged"] = sum(1 for r in finished if r["metrics"].get("diverged"))
+        cell["curves"] = _cell_curves([r["_records"] for r in finished])
+
+    claims = [_evaluate_claim(c, runs) for c in plan["claims"]]
+    for run in runs.values():
+        del run["_records"]
+    counts = {
+        s: sum(1 for r in runs.values() if r["status"] == s) for s in ("finished", "unfinished", "failed")
+    }
+    return {
+        "study": plan["study"],
+        "title": plan["title"],
+        "question": plan["question"],
+        "created": plan["created"],
+        "options": plan["options"],
+        "environment": plan.get("environment", {}),
+        "run_counts": counts,
+        "claims": claims,
+        "cells": cells,
+        "runs": runs,
+        "plots": [],
+    }
+
+
+def _cell_curves(records_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    if not records_per_seed:
+        return {}
+    curves: dict[str, Any] = {
+        "loss": _curve(
+            [
+                [
+                    (int(r["step"]), float(r["loss"]))
+                    for r in recs
+                    if r.get("kind") == "train" and _finite(r.get("loss"))
+                ]
+                for recs in records_per_seed
+            ]
+        )
+    }
+    eval_keys = sorted(
+        {k for r in records_per_seed[0] if r.get("kind") == "eval" for k in r if k not in ("kind", "step")}
+    )
+    for k in eval_keys:
+        curves[k] = _curve(
+            [
+                [(int(r["step"]), float(r[k])) for r in recs if r.get("kind") == "eval" and _finite(r.get(k))]
+                for recs in records_per_seed
+            ]
+        )
+    return curves
+
+
+def _side_stats(
+    side: Mapping[str, Any], metric: str, runs: Mapping[str, Any]
+) -> tuple[Stats, dict[str, Any]]:
+    chosen = [
+        r
+        for r in runs.values()
+        if r["group"] == side["group"] and all(r["params"].get(k) == v for k, v in side["where"].items())
+    ]
+    finished = [r for r in chosen if r["status"] == "finished"]
+    values = tuple(r["metrics"][metric] for r in finished if _finite(r["metrics"].get(metric)))
+    info = {
+        "label": side["label"],
+        "runs": len(chosen),
+        "finished": len(finished),
+        "diverged": sum(1 for r in finished if r["metrics"].get("diverged")),
+        **Stats(values).to_dict(),
+    }
+    return Stats(values), info
+
+
+def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[str, Any]:
+    metric = claim["metric"]
+    rule = rule_from_dict(claim["rule"])
+    a, a_info = _side_stats(claim["a"], metric, runs)
+    b, b_info = _side_stats(claim["b"], metric, runs) if claim["b"] is not None else (None, None)
+    outcome = rule.evaluate(a, b)
+
+    def side_text(s: Stats, info: Mapping[str, Any]) -> str:
+        div = f", {info['diverged']} of {info['finished']} diverged" if info["diverged"] else ""
+        missing = f", {info['runs'] - info['finished']} unfinished" if info["runs"] > info["finished"] else ""
+        return f"{info['label']} {_fmt(s.mean)} ± {_fmt(s.sd, 2)} (n={s.n}{div}{missing})"
+
+    measured = f"{metric}: {side_text(a, a_info)}"
+    ratio = None
+    if b is not None and b_info is not None:
+        measured += f" vs {side_text(b, b_info)}"
+        if b.n and a.n and b.mean != 0:
+            ratio = a.mean / b.mean
+            measured += f"; ratio {ratio:.3f}"
+    return {
+        "id": claim["id"],
+        "text": claim["text"],
+        "paper": claim["paper"],
+        "metric": metric,
+        "rule": claim["rule_text"],
+        "a": a_info,
+        "b": b_info,
+        "ratio": ratio,
+        "verdict": outcome.verdict,
+        "why": outcome.why,
+        "numbers": outcome.numbers,
+        "measured": measured,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def claims_markdown(results: Mapping[str, Any]) -> str:
+    """The claims table (Markdown)."""
+    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    for c in results["claims"]:
+        verdict = f"**{VERDICT_MARK[c['verdict']]}**"
+        lines.append(f"| {_md(c['text'])} | {_md(c['paper'])} | {_md(c['measured'])} | {verdict} |")
+    return "\n".join(lines)
+
+
+def claims_text(results: Mapping[str, Any]) -> str:
+    """The claims table for a terminal: one block per claim."""
+    out = []
+    for c in results["claims"]:
+        out.append(f"[{VERDICT_MARK[c['verdict']]}] {c['text']}")
+        out.append(f"    paper:    {c['paper']}")
+        out.append(f"    measured: {c['measured']}")
+        out.append(f"    rule:     {c['why']}")
+    return "\n".join(out)
+
+
+def _group_tables(results: Mapping[str, Any]) -> list[str]:
+    out = []
+    groups: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for name, cell in results["cells"].items():
+        groups[cell["group"]].append((name, cell))
+    for group, cells in groups.items():
+        params = list(cells[0][1]["params"])
+        metrics = sorted({m for _, c in cells for m in c["metrics"]} - {"diverged"})
+        header = [*params, "seeds", "diverged", *metrics]
+        out += [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for _, cell in cells:
+            row = [str(cell["params"][p]) for p in params]
+            row += [str(cell["finished"]), str(cell["diverged"])]
+            for m in metrics:
+                s = cell["metrics"].get(m)
+                row.append("n/a" if not s or s["mean"] is None else f"{s['mean']:.4g} ± {s['sd']:.2g}")
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return out
+
+
+def _config_section(study_dir: Path, results: Mapping[str, Any]) -> list[str]:
+    plan = load_plan(study_dir)
+    out = []
+    seen: set[str] = set()
+    for r in plan["runs"]:
+        if r["group"] in seen:
+            continue
+        seen.add(r["group"])
+        varying = ", ".join(sorted(r["params"])) or "nothing"
+        out += [
+            f"Group `{r['group']}` (grid over: {varying}; seed {r['seed']} shown):",
+            "",
+            "```json",
+            json.dumps(r["config"], indent=1, sort_keys=True),
+            "```",
+            "",
+        ]
+    return out
+
+
+def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
+    env = results["environment"]
+    counts = results["run_counts"]
+    lines = [
+        f"# {results['title']}",
+        "",
+        f"Study `{results['study']}`, planned {results['created']}. {results['question']}",
+        "",
+        "## Claims",
+        "",
+        claims_markdown(results),
+        "",
+        "Verdict rules, fixed in `plan.json` before the first run:",
+        "",
+    ]
+    for c in results["claims"]:
+        lines.append(f"- **{c['id']}**: {c['rule']}. Here: {c['why']}.")
+    lines += [
+        "",
+        "Spreads are sample standard deviations over seeds; a diverged run counts with its task's "
+        "fallback value (the uniform predictor's loss, chance accuracy). Directions and ratios are "
+        "what is compared with the papers, never their absolute numbers.",
+        "",
+        f"Runs: {counts['finished']} finished, {counts['unfinished']} unfinished, {counts['failed']} failed.",
+        "",
+        "## Results per cell",
+        "",
+        *_group_tables(results),
+    ]
+    if results["plots"]:
+        lines += ["## Plots", ""]
+        for p in results["plots"]:
+            lines += [f"![{p['title']}]({p['path']})", ""]
+    elif results.get("plot_note"):
+        lines += ["## Plots", "", results["plot_note"], ""]
+    lines += ["## Configuration", "", *_config_section(study_dir, results)]
+    runs = results["runs"].values()
+    data = sorted({r["data"] for r in runs if r.get("data")})
+    kernels = sorted({str(r["kernels"]) for r in runs if r.get("kernels")})
+    threads = sorted({int(r["threads"]) for r in runs if r.get("threads")})
+    wall = sum(float(r["wall_s"]) for r in runs if r.get("wall_s"))
+    lines += [
+        "## Environment",
+        "",
+        f"- data: {', '.join(data) or 'n/a'}",
+        f"- training time, summed over runs: {wall:.0f} s; torch threads per run: {threads or 'n/a'}",
+        f"- normlab fused kernels in the runs: {', '.join(kernels) or 'n/a'}",
+        *(f"- {k}: {v}" for k, v in env.items()),
+        f"- options: {json.dumps(results['options'])}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    study_dir: str | os.PathLike[str], *, study: Study | None = None, plots: bool = True
+) -> dict[str, Any]:
+    """Write ``report.md``, ``results.json`` and (with ``plots``) ``plots/*.png`` into
+    ``study_dir``; returns the results."""
+    from normlab.studies.plots import draw_plots
+
+    study_dir = Path(study_dir)
+    results = collect(study_dir, study=study)
+    plan = load_plan(study_dir)
+    try:
+        if plots:
+            results["plots"] = draw_plots(study_dir, results, plan)
+    except ImportError:
+        results["plot_note"] = "Plots skipped: matplotlib is not installed (pip install 'normlab[plot]')."
+    report = render_markdown(study_dir, results)
+    atomic_write_bytes(study_dir / "report.md", report.encode())
+    write_json(study_dir / "results.json", _json_safe(results))
+    results["report_path"] = str(study_dir / "report.md")
+    return results
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

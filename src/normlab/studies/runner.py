@@ -1,0 +1,287 @@
+"""Running a study: plan first (rules included), then every unfinished run, then the report.
+
+Layout of a study directory::
+
+    plan.json                  # the grid, the claims and their rules: written before any run
+    runs/<cell>-s<seed>/       # one run directory each (see normlab.train.loop)
+    report.md, results.json, plots/*.png
+
+A run is finished when its ``result.json`` exists (written last, atomically). ``--resume``
+skips finished runs and continues unfinished ones from their last checkpoint, so a study
+killed at any instant (SIGKILL included) loses at most ``ckpt_every`` steps of one run per job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import json
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.studies.environment import environment
+from normlab.studies.framework import RunSpec, Study, StudyOptions
+from normlab.train.config import RunConfig, config_hash
+from normlab.train.loop import RESULT_FILE, train, write_json
+from normlab.train.tasks import prepare_data
+
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "normlab-study/1"
+ERROR_FILE = "error.txt"
+
+
+def run_dir(study_dir: Path, key: str) -> Path:
+    return study_dir / "runs" / key
+
+
+def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict[str, Any]:
+    """The study's plan: the grid and the claims with their rules, as JSON."""
+    return {
+        "format": PLAN_FORMAT,
+        "study": study.name,
+        "title": study.title,
+        "question": study.question,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(options),
+        "environment": environment(),
+        "claims": [c.to_dict() for c in study.claims],
+        "plots": [p.to_dict() for p in study.plots],
+        "runs": [
+            {
+                "key": s.key,
+                "group": s.group,
+                "cell": s.cell,
+                "seed": s.seed,
+                "params": dict(s.params),
+                "config": s.config.to_dict(),
+                "config_hash": config_hash(s.config),
+            }
+            for s in specs
+        ],
+    }
+
+
+def _check_same_plan(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    new = json.loads(json.dumps(new))  # tuples become lists, as in the stored plan
+    old_runs = {r["key"]: r["config_hash"] for r in old.get("runs", [])}
+    new_runs = {r["key"]: r["config_hash"] for r in new["runs"]}
+    changed = sorted(k for k in old_runs.keys() & new_runs.keys() if old_runs[k] != new_runs[k])
+    added, removed = sorted(new_runs.keys() - old_runs.keys()), sorted(old_runs.keys() - new_runs.keys())
+    rules_changed = [c["id"] for c in old.get("claims", [])] != [c["id"] for c in new["claims"]] or any(
+        (o["rule"], o["metric"], o["a"], o["b"]) != (n["rule"], n["metric"], n["a"], n["b"])
+        for o, n in zip(old.get("claims", []), new["claims"], strict=False)
+    )
+    if old.get("study") != new["study"] or changed or added or removed or rules_changed:
+        what = []
+        if old.get("study") != new["study"]:
+            what.append(f"study {old.get('study')!r} != {new['study']!r}")
+        if changed:
+            what.append(f"{len(changed)} runs changed configuration (e.g. {changed[0]})")
+        if added or removed:
+            what.append(f"{len(added)} runs added, {len(removed)} removed (other --seeds/--scale/options?)")
+        if rules_changed:
+            what.append("the claims or their verdict rules changed")
+        raise ValueError(
+            f"{path} was planned differently: {'; '.join(what)}. "
+            "Resume with the same options, or choose a new --out"
+        )
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    torch.set_num_threads(threads)
+    # a worker dies with its study: after a SIGKILL of the parent it must not keep training
+    # a run that ``--resume`` will pick up again
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _run_one(
+    spec: RunSpec,
+    directory: str,
+    data_dir: str | None,
+    progress: bool,
+    tensorboard: bool,
+    device: str = "cpu",
+) -> tuple[str, dict[str, Any] | None, str | None, float]:
+    """Train one run; returns ``(key, summary, error, seconds)`` (exceptions become ``error``)."""
+    t0 = time.perf_counter()
+    path = Path(directory)
+    try:
+        summary = train(
+            spec.config,
+            path,
+            data_dir=data_dir,
+            resume=True,
+            progress=progress,
+            tensorboard=tensorboard,
+            device=device,
+        )
+    except Exception as err:  # one failing run must not stop the others; it is retried on resume
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ERROR_FILE).write_text(traceback.format_exc())
+        return spec.key, None, f"{type(err).__name__}: {err}", time.perf_counter() - t0
+    (path / ERROR_FILE).unlink(missing_ok=True)
+    return spec.key, summary, None, time.perf_counter() - t0
+
+
+def _brief(summary: dict[str, Any]) -> str:
+    parts = [f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, (int, float))]
+    if summary.get("diverged"):
+        parts.append(f"DIVERGED at step {summary.get('diverged_at')}")
+    return ", ".join(parts)
+
+
+def run_study(
+    study: Study,
+    out: str | os.PathLike[str],
+    *,
+    options: StudyOptions | None = None,
+    resume: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    tensorboard: bool = False,
+    plots: bool = True,
+    device: str = "cpu",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run ``study`` into ``out`` and write its report; returns the results (``results.json``).
+
+    Args:
+        resume: continue a study directory that already has a plan (same options), skipping
+            finished runs; without it an existing plan is an error.
+        jobs: runs trained in parallel processes.
+        threads: torch threads per run (default: all cores for one job, ``cores // jobs``
+            for several).
+        plots: draw the report's PNG figures (needs matplotlib).
+        device: where runs train (``"cpu"``, ``"cuda"``; resume is bit-exact on CPU only).
+    """
+    from normlab.studies.report import write_report
+
+    options = options or StudyOptions()
+    if options.seeds is None:
+        options = replace(options, seeds=study.default_seeds)
+    if isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"run_study: jobs must be >= 1, got {jobs!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"run_study: threads must be >= 1, got {threads!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run_study: device {device!r} requested but CUDA is not available here")
+    if tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as err:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+    study_dir = Path(out)
+    specs = study.specs(options)
+    plan = make_plan(study, options, specs)
+    plan_path = study_dir / PLAN_FILE
+    if plan_path.exists():
+        if not resume:
+            raise ValueError(
+                f"{study_dir} already holds a study; pass --resume to finish it, or choose another --out"
+            )
+        _check_same_plan(json.loads(plan_path.read_text()), plan, study_dir)
+    elif study_dir.exists() and any(study_dir.iterdir()):
+        raise ValueError(f"{study_dir} exists, is not empty and holds no study; choose another --out")
+
+    data_dir_s = None if data_dir is None else str(data_dir)
+    seen: set[str] = set()
+    for spec in specs:  # load and cache every data set once, before any run: fail fast
+        task = spec.config.task
+        ident = repr(
+            (
+                spec.config.kind,
+                getattr(task, "corpus", None),
+                getattr(task, "level", None),
+                getattr(task, "dataset", None),
+            )
+        )
+        if ident not in seen:
+            seen.add(ident)
+            echo(f"data: {prepare_data(spec.config, data_dir=data_dir_s)}")
+    if not plan_path.exists():
+        study_dir.mkdir(parents=True, exist_ok=True)
+        write_json(plan_path, plan)  # the rules are on disk before the first run starts
+
+    todo = [s for s in specs if not (run_dir(study_dir, s.key) / RESULT_FILE).exists()]
+    echo(
+        f"study {study.name!r}: {len(specs)} runs in {len({s.cell for s in specs})} cells, "
+        f"{len(specs) - len(todo)} already finished; {len(todo)} to run with {jobs} job(s)"
+    )
+    failures: dict[str, str] = {}
+    t0 = time.perf_counter()
+    done = 0
+
+    def report(key: str, summary: dict[str, Any] | None, error: str | None, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        if error is not None:
+            failures[key] = error
+            echo(f"[{done}/{len(todo)}] {key}: FAILED ({error})")
+        else:
+            echo(f"[{done}/{len(todo)}] {key}: {_brief(summary or {})} ({seconds:.1f} s)")
+
+    if jobs == 1 or len(todo) <= 1:
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            for spec in todo:
+                report(
+                    *_run_one(
+                        spec, str(run_dir(study_dir, spec.key)), data_dir_s, progress, tensorboard, device
+                    )
+                )
+        finally:
+            torch.set_num_threads(previous)
+    else:
+        per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(per_job, os.getpid())
+        ) as pool:
+            futures = [
+                pool.submit(
+                    _run_one, spec, str(run_dir(study_dir, spec.key)), data_dir_s, False, tensorboard, device
+                )
+                for spec in todo
+            ]
+            for future in concurrent.futures.as_completed(futures):
+                report(*future.result())
+    echo(f"trained {len(todo)} runs in {time.perf_counter() - t0:.1f} s")
+    results = write_report(study_dir, study=study, plots=plots)
+    if failures:
+        results["failed_runs"] = failures
+    return results
+
+
+def load_plan(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(study_dir) / PLAN_FILE
+    if not path.is_file():
+        raise ValueError(f"{Path(study_dir)} is not a study directory (no {PLAN_FILE})")
+    plan: dict[str, Any] = json.loads(path.read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"{path}: unknown plan format {plan.get('format')!r}")
+    return plan
+
+
+def plan_configs(plan: dict[str, Any]) -> dict[str, RunConfig]:
+    return {r["key"]: RunConfig.from_dict(r["config"]) for r in plan["runs"]}

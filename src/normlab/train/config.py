@@ -1,0 +1,219 @@
+"""Run configurations: frozen, keyword-only dataclasses that serialize to JSON and hash.
+
+A run is ``RunConfig(task=LMTask(...) | ImageTask(...), train=TrainConfig(...))``. Grids are
+built in code with :func:`dataclasses.replace`; :func:`config_hash` identifies a run, so a
+checkpoint made for one configuration never resumes another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from normlab.data.images import IMAGE_SETS
+from normlab.data.text import CORPORA
+from normlab.models import ConvNetConfig, GPTConfig
+from normlab.train.schedules import SCHEDULES, ScheduleName
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimization of one run.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: samples per step.
+        lr: peak learning rate.
+        optimizer: ``"adamw"`` (decoupled weight decay, Loshchilov & Hutter 2019,
+            arXiv:1711.05101), ``"adam"`` (L2 penalty in the gradient, as torch's Adam) or
+            ``"sgd"`` (with ``momentum``, optionally ``nesterov``).
+        betas, eps: Adam's moment decays and epsilon.
+        weight_decay: applied to weight matrices and conv kernels only (``dim >= 2``), not to
+            norm parameters, biases or scalars (nanoGPT's grouping).
+        momentum, nesterov: SGD.
+        schedule, warmup, min_lr_ratio: see :mod:`normlab.train.schedules`.
+        grad_clip: clip the global gradient norm to this value; ``None``: no clipping.
+        seed: seeds the init, dropout and the batch order.
+        log_every: steps between training-loss records.
+        eval_every: steps between evaluations; 0 evaluates at the end only.
+        ckpt_every: steps between checkpoints; 0 never checkpoints (no mid-run resume).
+        aux_loss_weight: weight of ``normlab.total_aux_loss(model)`` (Batchless's NLL and any
+            other norm's auxiliary loss), added to the task loss automatically.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` during the run.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: ScheduleName = "cosine"
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 100
+    aux_loss_weight: float = 1.0
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("steps", "batch_size", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{owner}: {name} must be an int >= 0, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{owner}: lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"{owner}: optimizer must be 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"{owner}: grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"{owner}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMTask:
+    """Next-token prediction with :class:`normlab.models.GPT` on a real text corpus.
+
+    Attributes:
+        corpus: ``"shakespeare"`` or ``"bible"``; ``level``: ``"char"`` or ``"byte"`` tokens.
+        block_size: tokens per training window.
+        gpt: :class:`~normlab.models.GPTConfig` fields (``n_layer``, ``norm``, ``placement``,
+            ...); ``vocab_size`` comes from the corpus and ``block_size`` from this task.
+        eval_batches, eval_batch_size: the fixed validation windows (evenly spaced over the
+            validation split, the same for every seed).
+        probes: probes run at the end of training (:mod:`normlab.train.probes`); the default
+            logs per-layer residual variance and angular distances.
+    """
+
+    corpus: str = "shakespeare"
+    level: Literal["char", "byte"] = "char"
+    block_size: int = 64
+    gpt: Mapping[str, Any] = field(default_factory=dict)
+    eval_batches: int = 8
+    eval_batch_size: int = 32
+    probes: tuple[str, ...] = ("residual",)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.corpus not in CORPORA:
+            raise ValueError(f"{owner}: corpus must be one of {CORPORA}, got {self.corpus!r}")
+        if self.level not in ("char", "byte"):
+            raise ValueError(f"{owner}: level must be 'char' or 'byte', got {self.level!r}")
+        for reserved in ("vocab_size", "block_size"):
+            if reserved in self.gpt:
+                raise ValueError(f"{owner}: gpt must not set {reserved!r} (it comes from the data/task)")
+        self.gpt_config(vocab_size=256)  # validate the GPT fields now, with a clear error
+
+    def gpt_config(self, *, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, **dict(self.gpt))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageTask:
+    """Classification with :class:`normlab.models.ConvNet` on real images.
+
+    Attributes:
+        dataset: ``"auto"``, ``"fashion-mnist"`` or ``"mnist5k"`` (see :mod:`normlab.data.images`).
+        n_train: train on a fixed subset of this many images (``None``: all).
+        n_test: evaluate on a fixed subset of this many test images.
+        convnet: :class:`~normlab.models.ConvNetConfig` fields (``arch``, ``norm``, ...);
+            ``in_channels`` and ``num_classes`` come from the data.
+        eval_batch_size: images per evaluation forward (eval mode: running statistics).
+        probes: probes run at the end of training; the default logs per-layer activation variance.
+    """
+
+    dataset: str = "auto"
+    n_train: int | None = None
+    n_test: int = 2000
+    convnet: Mapping[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 500
+    probes: tuple[str, ...] = ("activations",)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.dataset not in IMAGE_SETS:
+            raise ValueError(f"{owner}: dataset must be one of {IMAGE_SETS}, got {self.dataset!r}")
+        for reserved in ("in_channels", "num_classes"):
+            if reserved in self.convnet:
+                raise ValueError(f"{owner}: convnet must not set {reserved!r} (it comes from the data)")
+        if self.n_train is not None and self.n_train < 1:
+            raise ValueError(f"{owner}: n_train must be >= 1 or None, got {self.n_train!r}")
+        if self.n_test < 1:
+            raise ValueError(f"{owner}: n_test must be >= 1, got {self.n_test!r}")
+        self.convnet_config(in_channels=1, num_classes=10)
+
+    def convnet_config(self, *, in_channels: int, num_classes: int) -> ConvNetConfig:
+        opts = dict(self.convnet)
+        if "widths" in opts:
+            opts["widths"] = tuple(opts["widths"])
+        return ConvNetConfig(in_channels=in_channels, num_classes=num_classes, **opts)
+
+
+Task = LMTask | ImageTask
+TASK_KINDS: dict[str, type[LMTask] | type[ImageTask]] = {"lm": LMTask, "image": ImageTask}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One training run: a task and its optimization."""
+
+    task: Task
+    train: TrainConfig
+
+    @property
+    def kind(self) -> str:
+        return "lm" if isinstance(self.task, LMTask) else "image"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "task": _plain(self.task), "train": _plain(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        kind = d.get("kind")
+        if kind not in TASK_KINDS:
+            raise ValueError(f"RunConfig: kind must be one of {sorted(TASK_KINDS)}, got {kind!r}")
+        fields = dict(d["task"])
+        fields["probes"] = tuple(fields.get("probes", ()))
+        task = TASK_KINDS[kind](**fields)
+        train = dict(d["train"])
+        train["betas"] = tuple(train["betas"])
+        return cls(task=task, train=TrainConfig(**train))
+
+    def with_train(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_hash(config: RunConfig) -> str:
+    """SHA-256 of the canonical JSON of ``config``."""
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,128 @@
+"""Training state for bit-exact resume: model, optimizer, step, schedule and every RNG.
+
+The checkpoint is one ``torch.save`` file written to a temporary file in the same folder,
+flushed, fsynced and renamed over the target, so the previous checkpoint survives a kill at
+any instant. It loads with ``weights_only=True``: the numpy RNG state is stored as a tensor.
+The data position is the step itself (batches are a function of ``(seed, step)``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "normlab-train-state/1"
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's ``random``, numpy's global RNG and torch's CPU generator."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, py_state, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in py_state), gauss))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            int(npst["pos"]),
+            int(npst["has_gauss"]),
+            float(npst["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Remove ``.*.tmp`` files left by a process killed while writing; returns the count."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = list(folder.glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def save_state(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config_hash: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write everything a resumed run needs to continue bit-for-bit after ``step`` steps."""
+    payload = {
+        "format": FORMAT,
+        "step": step,
+        "config_hash": config_hash,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "extra": dict(extra or {}),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_state(path: str | os.PathLike[str], *, config_hash: str) -> dict[str, Any]:
+    """Read a checkpoint of :func:`save_state`, refusing one made for another configuration."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"load_state: {str(path)!r} is not a readable checkpoint: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"load_state: {str(path)!r} is not a normlab training checkpoint")
+    if payload["config_hash"] != config_hash:
+        raise ValueError(
+            f"load_state: {str(path)!r} was written for config {payload['config_hash'][:12]}, "
+            f"not {config_hash[:12]}; the run's configuration changed, so it cannot resume"
+        )
+    return dict(payload)

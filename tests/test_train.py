@@ -1,0 +1,277 @@
+"""The training loop: schedules, JSONL logs, configs, determinism, in-process resume, aux losses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import normlab
+from normlab.data import ImageSet, TextCorpus
+from normlab.kernels import use_kernels
+from normlab.train import (
+    ImageRuntime,
+    ImageTask,
+    JsonlLogger,
+    LMRuntime,
+    LMTask,
+    RunConfig,
+    TrainConfig,
+    config_hash,
+    load_state,
+    lr_factor,
+    read_jsonl,
+    summarize,
+    train,
+)
+from normlab.train import state as state_mod
+
+TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" for i in range(400))
+TINY_GPT = {"n_layer": 2, "n_embd": 16, "n_head": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_plain_torch() -> Any:
+    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with use_kernels(False):
+        yield
+    torch.set_num_threads(previous)
+
+
+def lm_config(*, dropout: float = 0.0, **train: Any) -> RunConfig:
+    opts: dict[str, Any] = {"steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 1, "eval_every": 6}
+    opts.update(train)
+    gpt = {**TINY_GPT, "dropout": dropout}  # dropout draws from torch's RNG: resume must restore it
+    task = LMTask(block_size=16, gpt=gpt, eval_batches=2, eval_batch_size=4)
+    return RunConfig(task=task, train=TrainConfig(**opts))
+
+
+def lm_runtime(config: RunConfig) -> LMRuntime:
+    assert isinstance(config.task, LMTask)
+    corpus = TextCorpus.from_text(TEXT)
+    return LMRuntime(config.task, corpus, seed=config.train.seed, batch_size=config.train.batch_size)
+
+
+def train_records(path: Path) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(path / "metrics.jsonl") if r["kind"] in ("train", "eval")]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_schedules() -> None:
+    kw: dict[str, Any] = {"total": 101, "warmup": 10}
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="cosine", **kw) == 1.0
+    assert lr_factor(10, schedule="cosine", min_ratio=0.1, **kw) == 1.0
+    assert lr_factor(100, schedule="cosine", min_ratio=0.1, **kw) == pytest.approx(0.1)
+    assert lr_factor(55, schedule="cosine", min_ratio=0.0, **kw) == pytest.approx(0.5, abs=0.02)
+    assert lr_factor(100, schedule="linear", min_ratio=0.0, **kw) == pytest.approx(0.0)
+    assert lr_factor(39, schedule="inverse_sqrt", **kw) == pytest.approx(0.5)  # sqrt(10 / 40)
+    assert lr_factor(0, schedule="constant", total=5) == 1.0  # warmup 0: full lr at once
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor(0, schedule="step", total=5)
+
+
+def test_jsonl_tolerates_a_partial_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    with JsonlLogger.open(path) as log:
+        log.log({"kind": "train", "step": 1, "loss": 2.0})
+        log.log({"kind": "train", "step": 2, "loss": float("nan")})
+        assert len(read_jsonl(path)) == 2  # flushed at every write, readable while open
+    with path.open("a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a kill mid-write
+    records = read_jsonl(path)
+    assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] is None
+    with JsonlLogger.open(path, keep_until_step=1) as log:  # resume from step 1: drop 2 and the stub
+        log.log({"kind": "train", "step": 2, "loss": 1.5})
+    assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [(1, 2.0), (2, 1.5)]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_jsonl(path)
+
+
+def test_configs_serialize_hash_and_validate() -> None:
+    config = lm_config()
+    again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and config_hash(again) == config_hash(config)
+    assert config_hash(config.with_train(seed=1)) != config_hash(config)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        TrainConfig(steps=1, batch_size=1, lr=0.0)
+    with pytest.raises(ValueError, match="unknown placement"):
+        LMTask(gpt={"placement": "sideways"})
+    with pytest.raises(ValueError, match="must not set 'vocab_size'"):
+        LMTask(gpt={"vocab_size": 3})
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        ImageTask(dataset="cifar10")
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path: Path) -> None:
+    config = lm_config()
+    a = train(config, tmp_path / "a", task=lm_runtime(config))
+    b = train(config, tmp_path / "b", task=lm_runtime(config))
+    other = config.with_train(seed=1)
+    c = train(other, tmp_path / "c", task=lm_runtime(other))
+    assert train_records(tmp_path / "a") == train_records(tmp_path / "b")
+    assert train_records(tmp_path / "a") != train_records(tmp_path / "c")
+    assert a["final"]["val_loss"] == b["final"]["val_loss"] != c["final"]["val_loss"]
+    assert a["steps"] == 12 and not a["diverged"] and len(a["probe"]["resid_var"]) == 3
+    assert (tmp_path / "a" / "result.json").is_file() and not (tmp_path / "a" / "checkpoint.pt").exists()
+    # a finished run is not trained again
+    assert train(config, tmp_path / "a", task=lm_runtime(config)) == json.loads(
+        (tmp_path / "a" / "result.json").read_text()
+    )
+
+
+class _CrashError(RuntimeError):
+    pass
+
+
+def test_in_process_resume_is_bit_exact(tmp_path: Path) -> None:
+    config = lm_config(steps=20, ckpt_every=5, log_every=1, eval_every=5, dropout=0.1)
+    train(config, tmp_path / "straight", task=lm_runtime(config))
+
+    def crash_at_13(step: int) -> None:
+        if step == 13:
+            raise _CrashError
+
+    with pytest.raises(_CrashError):
+        train(config, tmp_path / "resumed", task=lm_runtime(config), on_step=crash_at_13)
+    state = load_state(tmp_path / "resumed" / "checkpoint.pt", config_hash=config_hash(config))
+    assert state["step"] == 10
+    with pytest.raises(ValueError, match="configuration changed"):
+        load_state(tmp_path / "resumed" / "checkpoint.pt", config_hash="0" * 64)
+    train(config, tmp_path / "resumed", task=lm_runtime(config))
+    assert train_records(tmp_path / "resumed") == train_records(tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "final.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kinds = [r["kind"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert kinds.count("start") == 1 and kinds.count("resume") == 1
+
+
+def test_other_config_in_same_dir_is_refused(tmp_path: Path) -> None:
+    config = lm_config(steps=2)
+    train(config, tmp_path, task=lm_runtime(config))
+    with pytest.raises(ValueError, match="another configuration"):
+        train(config.with_train(lr=1e-3), tmp_path, task=lm_runtime(config))
+
+
+def test_failed_checkpoint_write_keeps_the_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "ckpt.pt"
+    state_mod.save_state(path, model=model, optimizer=opt, step=1, config_hash="h")
+
+    def broken_save(obj: Any, f: Any) -> None:
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        state_mod.save_state(path, model=model, optimizer=opt, step=2, config_hash="h")
+    monkeypatch.undo()
+    assert load_state(path, config_hash="h")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+    (tmp_path / ".ckpt.pt.x.tmp").write_bytes(b"stale")
+    assert state_mod.clean_stale_temps(tmp_path) == 1
+
+
+def test_rng_state_round_trip() -> None:
+    state_mod.seed_everything(5)
+    saved = state_mod.rng_state()
+    first = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    state_mod.set_rng_state(saved)
+    second = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+class _NaNFromCall5(LMRuntime):
+    calls = 0
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        self.calls += 1
+        loss = super().loss(model, batch)
+        return loss * float("nan") if self.calls >= 5 else loss
+
+
+def test_divergence_stops_the_run_and_uses_the_fallback(tmp_path: Path) -> None:
+    config = lm_config(steps=10)
+    base = lm_runtime(config)
+    runtime = _NaNFromCall5(base.task, base.corpus, seed=0, batch_size=4)
+    summary = train(config, tmp_path, task=runtime)
+    assert summary["diverged"] and summary["diverged_at"] == 5
+    assert summary["final"]["val_loss"] == pytest.approx(math.log(base.corpus.vocab_size))
+    assert summarize(read_jsonl(tmp_path / "metrics.jsonl"))["diverged"]
+
+
+def _image_runtime(config: RunConfig) -> ImageRuntime:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 12, 12)).astype(np.uint8)
+    y = rng.integers(0, 3, 64)
+    y[:3] = [0, 1, 2]
+    images = ImageSet.from_arrays(x[:48], y[:48], x[48:], y[48:])
+    assert isinstance(config.task, ImageTask)
+    return ImageRuntime(config.task, images, seed=config.train.seed, batch_size=config.train.batch_size)
+
+
+def test_aux_losses_are_added_automatically(tmp_path: Path) -> None:
+    """Batchless norm's mean/std are trained only by its auxiliary NLL (arXiv:2212.14729)."""
+
+    def run(weight: float, name: str) -> dict[str, Tensor]:
+        task = ImageTask(n_test=16, convnet={"widths": (4,), "depth": 1, "norm": "batchless"})
+        config = RunConfig(
+            task=task, train=TrainConfig(steps=3, batch_size=8, lr=0.01, aux_loss_weight=weight, log_every=1)
+        )
+        summary = train(config, tmp_path / name, task=_image_runtime(config))
+        assert 0.0 <= summary["final"]["test_acc"] <= 1.0 and len(summary["probe"]["act_var"]) == 1
+        return torch.load(tmp_path / name / "final.pt", weights_only=True)
+
+    with_aux, without = run(1.0, "aux"), run(0.0, "noaux")
+    init = normlab.create_norm("batchless", 4).state_dict()
+    key = next(k for k in with_aux if k.endswith(".mean"))
+    assert torch.equal(without[key], init["mean"])  # nothing else moves them
+    assert not torch.equal(with_aux[key], init["mean"])
+
+
+def test_a_run_being_trained_elsewhere_is_refused(tmp_path: Path) -> None:
+    fcntl = pytest.importorskip("fcntl", reason="run locks use fcntl (POSIX)")
+    config = lm_config(steps=2)
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as other:  # what a surviving process of a killed study holds
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="being trained by another process"):
+            train(config, tmp_path, task=lm_runtime(config))
+    assert train(config, tmp_path, task=lm_runtime(config))["steps"] == 2
+
+
+def test_probes_are_named_and_extensible(tmp_path: Path) -> None:
+    from normlab.train.probes import PROBES, register_probe
+
+    @register_probe("test-width")
+    def width(model: nn.Module, batch: Tensor) -> dict[str, Any]:
+        return {"width": model.config.n_embd, "batch": list(batch.shape)}  # type: ignore[union-attr]
+
+    try:
+        base = lm_config(steps=2)
+        config = RunConfig(
+            task=LMTask(**{**base.task.__dict__, "probes": ("residual", "test-width")}), train=base.train
+        )
+        summary = train(config, tmp_path / "a", task=lm_runtime(config))
+        assert summary["probe"]["width"] == 16 and summary["probe"]["batch"] == [4, 16]
+        assert len(summary["probe"]["angular"]) == 3  # identity, 2 blocks: a 3 x 3 matrix
+        with pytest.raises(ValueError, match="already registered"):
+            register_probe("test-width")(width)
+        bad = RunConfig(task=LMTask(**{**base.task.__dict__, "probes": ("nope",)}), train=base.train)
+        with pytest.raises(ValueError, match="unknown probe 'nope'"):
+            train(bad, tmp_path / "b", task=lm_runtime(bad))
+    finally:
+        PROBES.pop("test-width", None)
