@@ -3,8 +3,9 @@
 Each function returns the fused result, or ``None`` when the plain path must run: kernels off,
 library not built (or failed), a device or dtype without a kernel, an empty tensor, a tensor
 subclass, fx proxies, ``torch.func`` transforms (vmap/grad wrap tensors: the ops have no batching
-rule), forward-mode AD (the ops have no JVP) or autocast (its per-op dtype lists do not name them). Under ``torch.compile`` the decision reads the
-build state without building, so tracing never compiles C++.
+rule), forward-mode AD (the ops have no JVP) or autocast (its per-op dtype lists do not name
+them). Under ``torch.compile`` the decision reads the build state without building, so tracing
+never compiles C++.
 """
 
 from __future__ import annotations
