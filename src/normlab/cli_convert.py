@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from normlab._atomic import atomic_torch_save, atomic_write_text
 from normlab.convert import apply_layernorm_scaling, convert_norms
 from normlab.models import GPT
 from normlab.models.checkpoint import FORMAT as GPT_FORMAT
@@ -135,20 +135,6 @@ def _load_input(spec: str) -> tuple[nn.Module, dict[str, Any], list[dict[str, An
 # Writing
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.to is None and not args.lns:
         raise ValueError("normlab convert: give --to NORM, --lns, or both")
@@ -182,7 +168,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.dry_run:
         if args.report:
             text = json.dumps(reports, indent=2)
-            _atomic_write(Path(args.report), lambda f: f.write(text), "w")
+            atomic_write_text(args.report, text)
         return 0
     out = Path(args.out)
     payload = {
@@ -192,10 +178,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "report": reports,
     }
-    _atomic_write(out, lambda f: torch.save(payload, f), "wb")
+    atomic_torch_save(payload, out)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".report.json")
     text = json.dumps(reports, indent=2)
-    _atomic_write(report_path, lambda f: f.write(text), "w")
+    atomic_write_text(report_path, text)
     print(f"wrote {out} and {report_path}")
     return 0
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from normlab._atomic import atomic_write_bytes
 from normlab.data._paths import (
     DataNotFoundError,
-    atomic_write_bytes,
     package_dir,
     resolve_data_dir,
     save_npy_atomic,

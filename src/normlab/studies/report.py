@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from normlab.data._paths import atomic_write_bytes
+from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
 from normlab.studies.runner import ERROR_FILE, load_plan, run_dir
 from normlab.train.logger import read_jsonl

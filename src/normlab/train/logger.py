@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from normlab.data._paths import atomic_write_bytes
+from normlab._atomic import atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:

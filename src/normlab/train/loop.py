@@ -31,14 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.data._paths import atomic_write_bytes
+from normlab._atomic import atomic_torch_save, atomic_write_bytes
 from normlab.norms import total_aux_loss
 from normlab.train.config import RunConfig, TrainConfig, config_hash
 from normlab.train.logger import JsonlLogger, read_jsonl
 from normlab.train.probes import get_probe
 from normlab.train.schedules import lr_factor
 from normlab.train.state import (
-    atomic_torch_save,
     clean_stale_temps,
     load_state,
     save_state,
