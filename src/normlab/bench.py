@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 
 import normlab
 from normlab import kernels
+from normlab._atomic import atomic_write, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLES = ("normlab", "plain", "torch", "paper")
@@ -615,20 +615,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(report: dict[str, Any], path: Path) -> None:
     """Bar chart: forward+backward bandwidth as % of copy per case and implementation; e2e steps/s."""
     import matplotlib
@@ -674,11 +660,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         )
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
-        tmp_png = Path(tmp) / "bench.png"
-        fig.savefig(tmp_png, dpi=110)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
         plt.close(fig)
-        write_atomic(path, tmp_png.read_bytes())
 
 
 def iter_runs(
@@ -760,7 +745,7 @@ def save(report: dict[str, Any], out_dir: Path, *, png: bool = True) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "bench.json"]
     data = {k: v for k, v in report.items() if not k.startswith("_")}
-    write_atomic(paths[0], (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_text(paths[0], json.dumps(data, indent=2, default=str) + "\n")
     if png:
         paths.append(out_dir / "bench.png")
         plot(report, paths[1])

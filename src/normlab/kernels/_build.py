@@ -111,6 +111,14 @@ def _do_build(verbose: bool) -> None:
     cflags, ldflags = _flags()
     directory = cache_root() / f"cpu-{build_key()}"
     directory.mkdir(parents=True, exist_ok=True)
+    # cpp_extension waits for as long as its lock file exists: a build killed mid-way (Ctrl-C,
+    # a CI timeout) would hang every later process. No build takes 10 minutes: such a lock is stale.
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > 600:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
     start = time.perf_counter()
     cpp_extension.load(
         name="normlab_kernels",
