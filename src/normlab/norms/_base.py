@@ -11,7 +11,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn, TypeVar
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +114,41 @@ class NormMixin:
             )
 
 
+def adopt_buffer_shapes(
+    module: nn.Module, state_dict: Mapping[str, Any], prefix: str, names: Sequence[str]
+) -> None:
+    """Reshape ``module``'s buffers ``names`` to the checkpoint's shapes before loading.
+
+    For buffers whose shape is set by the training inputs (lazily shaped statistics), so a
+    checkpoint loads into a fresh module. Call it from ``_load_from_state_dict``.
+    """
+    for name in names:
+        incoming = state_dict.get(prefix + name)
+        current = module._buffers[name]
+        if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
+            module._buffers[name] = torch.empty(incoming.shape, device=current.device, dtype=current.dtype)
+
+
 def check_eps(owner: str, eps: float) -> float:
     """``eps`` must be a finite number > 0: eps=0 turns constant inputs into NaN."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{owner}: eps must be a finite number > 0, got {eps!r}")
     return float(eps)
+
+
+@overload
+def check_momentum(owner: str, momentum: float, *, allow_none: Literal[False] = False) -> float: ...
+@overload
+def check_momentum(owner: str, momentum: float | None, *, allow_none: Literal[True]) -> float | None: ...
+def check_momentum(owner: str, momentum: float | None, *, allow_none: bool = False) -> float | None:
+    """Running-statistics ``momentum`` (weight of the new batch): a number in [0, 1]; ``None``
+    (the cumulative average) only where ``allow_none``."""
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        expected = "in [0, 1] or None" if allow_none else "a number in [0, 1]"
+        raise ValueError(f"{owner}: momentum must be {expected}, got {momentum!r}")
+    return float(momentum)
 
 
 def check_num_features(owner: str, num_features: int) -> int:

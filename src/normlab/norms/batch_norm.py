@@ -16,6 +16,7 @@ from normlab.norms._base import (
     NormMixin,
     NormSpec,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
 )
@@ -74,8 +75,7 @@ class BatchNorm(NormMixin, _BatchNorm):
     ) -> None:
         owner = type(self).__name__
         check_num_features(owner, num_features)
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        check_momentum(owner, momentum, allow_none=True)
         super().__init__(
             num_features,
             check_eps(owner, eps),

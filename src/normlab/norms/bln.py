@@ -14,6 +14,7 @@ from normlab.norms._base import (
     DType,
     NormMixin,
     NormSpec,
+    adopt_buffer_shapes,
     affine_parameters,
     check_eps,
     check_num_features,
@@ -219,11 +220,7 @@ class BatchLayerNorm(NormMixin, nn.Module):
         error_msgs: list[str],
     ) -> None:
         # The statistics' shape depends on the training inputs: take the checkpoint's shape.
-        for name in (*_MOVING, *_SUMS):
-            incoming = state_dict.get(prefix + name)
-            current = self._buffers[name]
-            if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
-                self._buffers[name] = torch.empty(incoming.shape, device=current.device, dtype=current.dtype)
+        adopt_buffer_shapes(self, state_dict, prefix, (*_MOVING, *_SUMS))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -15,8 +15,10 @@ from normlab.norms._base import (
     DType,
     NormMixin,
     NormSpec,
+    adopt_buffer_shapes,
     affine_parameters,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
     reset_affine,
@@ -168,10 +170,7 @@ class CrossIterationBatchNorm(NormMixin, nn.Module):
             raise ValueError(f"{owner}: burnin must be an int >= 0 (iterations), got {burnin!r}")
         if eps_mode not in ("outside", "inside"):
             raise ValueError(f"{owner}: eps_mode must be 'outside' or 'inside', got {eps_mode!r}")
-        if momentum is not None and not (
-            isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        check_momentum(owner, momentum, allow_none=True)
         self.window = window
         self.rho = float(rho)
         self.burnin = burnin
@@ -297,11 +296,7 @@ class CrossIterationBatchNorm(NormMixin, nn.Module):
         error_msgs: list[str],
     ) -> None:
         # The weight-shaped window buffers take the checkpoint's shape (empty until a weight is seen).
-        for name in _WEIGHT_SHAPED:
-            incoming = state_dict.get(prefix + name)
-            current = self._buffers[name]
-            if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
-                self._buffers[name] = torch.empty(incoming.shape, device=current.device, dtype=current.dtype)
+        adopt_buffer_shapes(self, state_dict, prefix, _WEIGHT_SHAPED)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -16,6 +16,7 @@ from normlab.norms._base import (
     NormSpec,
     affine_parameters,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
     reset_affine,
@@ -142,10 +143,7 @@ class CompoundBatchNorm(NormMixin, nn.Module):
         if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"{owner}: num_components must be an int >= 1, got {num_components!r}")
         self.num_components = num_components
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        check_momentum(owner, momentum, allow_none=True)
         self.momentum = momentum
         self.eps = check_eps(owner, eps)
         self.affine = affine

@@ -15,6 +15,7 @@ from normlab.norms._base import (
     NormMixin,
     NormSpec,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
 )
@@ -57,8 +58,7 @@ class InstanceNorm(NormMixin, _InstanceNorm):
     ) -> None:
         owner = type(self).__name__
         check_num_features(owner, num_features)
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"{owner}: momentum must be in [0, 1], got {momentum!r}")
+        check_momentum(owner, momentum)
         super().__init__(
             num_features,
             check_eps(owner, eps),

@@ -18,6 +18,7 @@ from normlab.norms._base import (
     NormSpec,
     affine_parameters,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
     reset_affine,
@@ -149,10 +150,7 @@ class MemorizedBatchNorm(NormMixin, nn.Module):
         if eval_stats not in ("running", "memory"):
             raise ValueError(f"{owner}: eval_stats must be 'running' or 'memory', got {eval_stats!r}")
         self.eval_stats: EvalStats = eval_stats
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+        check_momentum(owner, momentum, allow_none=True)
         self.momentum = momentum
         self.eps = check_eps(owner, eps)
         self.affine = affine

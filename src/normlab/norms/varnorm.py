@@ -18,16 +18,11 @@ from normlab.norms._base import (
     NormSpec,
     affine_parameters,
     check_eps,
+    check_momentum,
     check_num_features,
     register_norm,
     reset_affine,
 )
-
-
-def check_momentum(owner: str, momentum: float) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{owner}: momentum must be a number in [0, 1], got {momentum!r}")
-    return float(momentum)
 
 
 class RunningVarNorm(NormMixin, nn.Module):
@@ -170,4 +165,4 @@ class VarianceNorm(RunningVarNorm):
         return self._affine(y).to(x.dtype)
 
 
-__all__ = ["RunningVarNorm", "VarianceNorm", "check_momentum"]
+__all__ = ["RunningVarNorm", "VarianceNorm"]
