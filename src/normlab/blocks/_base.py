@@ -7,6 +7,7 @@ and imported by one line in ``normlab/blocks/__init__.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ class Attention(nn.Module):
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
         if cfg.qk_norm is not None:
-            qk = BlockConfig(**{**_fields(cfg), "norm": cfg.qk_norm, "norm_kwargs": {}})
+            qk = dataclasses.replace(cfg, norm=cfg.qk_norm, norm_kwargs={})
             self.q_norm = make_block_norm(qk, cfg.head_dim, site="attn", layer_idx=layer_idx, **dd)
             self.k_norm = make_block_norm(qk, cfg.head_dim, site="attn", layer_idx=layer_idx, **dd)
         self.inner_norm = (
@@ -285,10 +286,6 @@ class MLP(nn.Module):
             h = self.inner_norm(h)
         out: Tensor = self.dropout(self.fc2(h))
         return out
-
-
-def _fields(cfg: BlockConfig) -> dict[str, Any]:
-    return {f: getattr(cfg, f) for f in BlockConfig.__dataclass_fields__}
 
 
 # --------------------------------------------------------------------------------------------
