@@ -275,3 +275,32 @@ def test_probes_are_named_and_extensible(tmp_path: Path) -> None:
             train(bad, tmp_path / "b", task=lm_runtime(bad))
     finally:
         PROBES.pop("test-width", None)
+
+
+@pytest.mark.parametrize(("norm", "exact"), [("layernorm", True), ("batchless", True), ("batchnorm", False)])
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path: Path, norm: str, exact: bool) -> None:
+    """``accum_steps=4`` of 2 images = one batch of 8 for per-sample and Batchless norms (whose
+    statistics are parameters, arXiv:2212.14729); BatchNorm sees micro-batch statistics."""
+
+    def run(accum: int) -> dict[str, Tensor]:
+        task = ImageTask(n_test=16, convnet={"widths": (4,), "depth": 1, "norm": norm})
+        train_cfg = TrainConfig(steps=3, batch_size=8, accum_steps=accum, lr=0.05, log_every=1)
+        config = RunConfig(task=task, train=train_cfg)
+        train(config, tmp_path / f"{norm}-{accum}", task=_image_runtime(config))
+        return torch.load(tmp_path / f"{norm}-{accum}" / "final.pt", weights_only=True)
+
+    whole, accumulated = run(1), run(4)
+    diff = max(
+        float((whole[k].double() - accumulated[k].double()).abs().max())
+        for k in whole
+        if whole[k].is_floating_point()
+    )
+    if exact:
+        assert diff < 1e-6, diff
+    else:
+        assert diff > 1e-4, diff
+
+
+def test_accum_steps_must_divide_the_batch() -> None:
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by accum_steps=4"):
+        TrainConfig(steps=1, batch_size=6, lr=0.1, accum_steps=4)

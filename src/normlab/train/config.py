@@ -27,7 +27,11 @@ class TrainConfig:
 
     Attributes:
         steps: optimizer steps.
-        batch_size: samples per step.
+        batch_size: samples per step (the global batch: over every micro-batch and process).
+        accum_steps: micro-batches per step: each step's batch is split into ``accum_steps``
+            equal slices, run forward and backward one at a time with their gradients summed
+            (loss divided by ``accum_steps``), then one optimizer step. Peak activation
+            memory is that of one micro-batch; batch-statistics norms see micro-batches.
         lr: peak learning rate.
         optimizer: ``"adamw"`` (decoupled weight decay, Loshchilov & Hutter 2019,
             arXiv:1711.05101), ``"adam"`` (L2 penalty in the gradient, as torch's Adam) or
@@ -50,6 +54,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     lr: float
+    accum_steps: int = 1
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -69,7 +74,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every", "accum_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
@@ -77,6 +82,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{owner}: {name} must be an int >= 0, got {v!r}")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(
+                f"{owner}: batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}"
+            )
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{owner}: lr must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in ("adamw", "adam", "sgd"):

@@ -113,6 +113,32 @@ def _grad_norm(params: Sequence[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _accumulate_gradients(
+    runtime: TaskRuntime, model: nn.Module, batch: tuple[Tensor, Tensor], cfg: TrainConfig, device: Any
+) -> float:
+    """Forward and backward over the ``cfg.accum_steps`` micro-batches of ``batch``; returns the
+    mean task loss, or a non-finite value (before any backward of a non-finite loss)."""
+    inputs, targets = batch
+    micro = len(inputs) // cfg.accum_steps
+    total = 0.0
+    for i in range(cfg.accum_steps):
+        part = (
+            inputs[i * micro : (i + 1) * micro].to(device),
+            targets[i * micro : (i + 1) * micro].to(device),
+        )
+        task_loss = runtime.loss(model, part)
+        loss = task_loss
+        if cfg.aux_loss_weight:
+            loss = loss + cfg.aux_loss_weight * total_aux_loss(model)
+        value = float(task_loss.detach())
+        if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
+            return value if not math.isfinite(value) else math.nan
+        # one slice's share of the batch mean, so the summed gradient is the batch gradient
+        torch.autograd.backward(loss / cfg.accum_steps if cfg.accum_steps > 1 else loss)
+        total += value
+    return total / cfg.accum_steps
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The summary of a run from its logged records (what the claims are computed from).
 
@@ -242,18 +268,11 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.train()
-                inputs, targets = runtime.batch(step)
-                batch = (inputs.to(device), targets.to(device))
-                task_loss = runtime.loss(model, batch)
-                loss = task_loss
-                if cfg.aux_loss_weight:
-                    loss = loss + cfg.aux_loss_weight * total_aux_loss(model)
                 optimizer.zero_grad(set_to_none=True)
-                value = float(task_loss.detach())
-                if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
+                value = _accumulate_gradients(runtime, model, runtime.batch(step), cfg, device)
+                if not math.isfinite(value):
                     logger.log({"kind": "diverged", "step": step + 1, "loss": value})
                     break
-                torch.autograd.backward(loss)
                 if cfg.grad_clip is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
                 done = step + 1
