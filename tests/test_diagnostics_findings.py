@@ -6,14 +6,18 @@ numbers printed with ``-s``).
 * Post-LN gradients (Xiong et al. 2020, arXiv:2002.04745; B2T, Takase et al. 2022,
   arXiv:2206.00330): per-block ``||dL/dW||`` falls toward the lower layers in Post-LN, not in
   Pre-LN nor in B2T. The papers' setting is a fairseq Transformer (Xavier init, embeddings
-  scaled by sqrt(d), bidirectional encoder, B2T with its official 1/sqrt(N) rescaling); the
-  test uses that setting: at the library's default N(0, 0.02) init the Post-LN branches are
-  too small to shrink anything (the Post-LN ratio is then about 1). Post-LN's profile varies
-  from one init to the next: the log-change of ``||dL/dW_l||`` from block 0 to block 23 was
-  +0.80, +0.31, +0.06 for seeds 0-2 at 32 x 64 tokens (Pre-LN -0.82, -1.16, -1.04; B2T +0.002,
-  +0.000, -0.002) and +0.82, -0.62, +0.16, +1.36, +0.94, -0.64 for seeds 0-5 at 16 x 64
-  tokens. It falls toward the lower layers on average, not for every init, so the test
-  asserts one init (seed 0) with margins; Pre-LN and B2T hold for every seed tried.
+  scaled by sqrt(d), bidirectional encoder, B2T with its official 1/sqrt(N) rescaling, 6
+  layers in Xiong et al.'s Fig. 3); the test uses that setting: at the library's default
+  N(0, 0.02) init the Post-LN branches are too small to shrink anything (the Post-LN ratio is
+  then about 1). Measured (width 64, 16 x 64 random tokens, 8 inits, log-change of
+  ``||dL/dW_l||`` from the first block to the last): Post-LN +0.61 +- 0.37 at 6 blocks and
+  +0.75 +- 0.42 at 12, positive for every init; at 24 blocks it is +0.24 +- 0.76 and
+  positive for 5 of 8 inits only, and the expected-norm profile (RMS over the 8 inits) is flat
+  (-0.01); at width 256 and 24 blocks it is flat for every init (+0.07 mean). So the fall is a
+  property of the papers' depth, not of 24 blocks: the test asserts it for every init at 6 and
+  12 blocks, and at 24 blocks only what holds for every init: Post-LN's profile is less
+  lower-heavy than Pre-LN's (Pre-LN -1.01 +- 0.17, B2T 0.00 +- 0.01 at 24 blocks). The tests
+  use the first 6 of those 8 inits, at 12 and 24 blocks (the cost of a probing pass).
 * Beyond BatchNorm (Lubana et al. 2021, arXiv:2106.05956): in a ResNet without normalizer
   ``act_var`` grows geometrically and the verdict says so, with GroupNorm it does not
   (principle i); in a uniform-width GroupNorm conv net, ``act_corr`` rises as the group size
@@ -31,18 +35,17 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.diagnostics import diagnose, layer_stats, lm_inputs, metrics, residual_stats, residual_stream
-from normlab.diagnostics.verdict import quarter_ratio
 from normlab.models import GPT, GPTConfig
 
 DEPTH = 24
 
 
-def gpt(placement: str, seed: int = 0, **kw: object) -> GPT:
+def gpt(placement: str, seed: int = 0, depth: int = DEPTH, **kw: object) -> GPT:
     torch.manual_seed(seed)
     cfg: dict[str, object] = {
         "vocab_size": 256,
         "block_size": 64,
-        "n_layer": DEPTH,
+        "n_layer": depth,
         "n_embd": 64,
         "n_head": 4,
         "placement": placement,
@@ -76,32 +79,35 @@ def test_residual_variance_grows_with_depth_in_pre_ln_and_less_with_lns() -> Non
     assert abs(growth["post"] - 1.0) < 0.01  # Post-LN normalises the stream after every block
 
 
-def gradient_profile(placement: str, seed: int, batch: int, length: int) -> tuple[float, float]:
-    """(change of log ||dL/dW_l|| from block 0 to block L-1, first/last quarter ratio) at init."""
+def gradient_change(placement: str, seed: int, depth: int, batch: int = 16, length: int = 64) -> float:
+    """Change of log ||dL/dW_l|| from block 0 to block L-1 at init, in the papers' setting."""
     fairseq = {"init_std": 64**-0.5, "embed_scale": True, "causal": False}
     extra = {"b2t_rescale": True} if placement == "b2t" else {}
-    model = gpt(placement, seed, **fairseq, **extra)
+    model = gpt(placement, seed, depth, **fairseq, **extra)
     stats = layer_stats(model, lm_inputs(model, tokens(batch, length, seed)))
     grads = [s.weight_grad_norm for s in stats]  # per block, its weight matrices
-    assert len(grads) == DEPTH and all(math.isfinite(g) and g > 0 for g in grads)
-    out = (log_slope(grads), quarter_ratio(grads))
-    print(
-        f"\n{placement} seed {seed} batch {batch}x{length}: log-change of ||dL/dW_l|| {out[0]:+.3f}, "
-        f"first/last quarter {out[1]:.3f}"
-    )
-    return out
+    assert len(grads) == depth and all(math.isfinite(g) and g > 0 for g in grads)
+    return log_slope(grads)
+
+
+INITS = range(6)
 
 
 def test_post_ln_weight_gradients_fall_toward_the_lower_layers_pre_ln_and_b2t_do_not() -> None:
-    # Pre-LN's and B2T's profiles are stable from a small batch on; Post-LN's needs 16 x 64 tokens
-    post, pre, b2t = (
-        gradient_profile("post", 0, 16, 64),
-        gradient_profile("pre", 0, 8, 32),
-        gradient_profile("b2t", 0, 8, 32),
-    )
-    assert post[0] > 0.3 and post[1] < 0.8  # smaller in the lower layers
-    assert pre[0] < -0.5 and pre[1] > 1.5  # Pre-LN: larger in the lower layers
-    assert abs(b2t[0]) < 0.05  # B2T with its rescaled init: flat
+    change = {p: [gradient_change(p, seed, 12) for seed in INITS] for p in ("post", "pre", "b2t")}
+    for placement, values in change.items():
+        print(f"\n{placement}, 12 blocks: log-change of ||dL/dW_l|| per init: {values}")
+    assert min(change["post"]) > 0.0  # smaller in the lower layers, for every init
+    assert max(change["pre"]) < -0.3  # Pre-LN: larger in the lower layers
+    assert max(abs(v) for v in change["b2t"]) < 0.05  # B2T with its rescaled init: flat
+
+
+def test_at_24_blocks_post_ln_gradients_are_less_lower_heavy_than_pre_ln() -> None:
+    post = [gradient_change("post", seed, DEPTH) for seed in INITS]
+    pre = [gradient_change("pre", seed, DEPTH, 8, 32) for seed in INITS]
+    print(f"\n{DEPTH} blocks, {len(INITS)} inits: Post-LN {post}\nPre-LN {pre}")
+    assert all(p > q + 0.2 for p, q in zip(post, pre, strict=True))
+    assert max(pre) < -0.5
 
 
 class ConvUnit(nn.Sequential):
