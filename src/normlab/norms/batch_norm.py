@@ -111,6 +111,8 @@ class BatchNorm(NormMixin, _BatchNorm):
                 "norm (GroupNorm, LayerNorm)"
             )
         if self.training and self.track_running_stats and count > 1:
+            if self.momentum is not None:
+                return self._train_and_update(x)
             self._update_running_stats(x)
         return F.batch_norm(
             x,
@@ -122,6 +124,22 @@ class BatchNorm(NormMixin, _BatchNorm):
             0.0,
             self.eps,
         )
+
+    def _train_and_update(self, x: Tensor) -> Tensor:
+        """Batch statistics and the running-statistics update in torch's one fused pass, on
+        copies of the running buffers that are kept only if finite (an extra statistics pass
+        over ``x`` would cost a third of the layer's time)."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None and self.momentum is not None
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+        with torch.no_grad():
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            self.running_mean.copy_(torch.where(ok, mean, self.running_mean))
+            self.running_var.copy_(torch.where(ok, var, self.running_var))
+            self.num_batches_tracked.add_(ok.long())
+            self.skipped_updates.add_((~ok).long())
+        return out
 
     @torch.no_grad()
     def _update_running_stats(self, x: Tensor) -> None:
