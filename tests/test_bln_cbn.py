@@ -263,9 +263,10 @@ def batch_norm_of(y: Tensor, eps: float = 1e-5) -> Tensor:
     return bn(y)
 
 
-def test_cbn_window_one_is_batchnorm_exactly() -> None:
-    """Outputs, input and parameter grads and running statistics bitwise equal to normlab.BatchNorm,
-    with and without an attached conv (nothing is stored with window=1)."""
+def test_cbn_window_one_is_batchnorm() -> None:
+    """Outputs, input and parameter grads bitwise equal to normlab.BatchNorm, with and without an
+    attached conv (nothing is stored with window=1); running statistics equal to fp64 rounding
+    (BatchNorm updates them inside torch's fused kernel, CBN from its own ``var_mean``)."""
     for attach in (False, True):
         conv = make_conv()
         cbn = randomize_affine(CrossIterationBatchNorm(4, window=1, eps_mode="inside", dtype=F64))
@@ -285,10 +286,10 @@ def test_cbn_window_one_is_batchnorm_exactly() -> None:
             for a, b in zip(outs[0][1], outs[1][1], strict=True):
                 assert torch.equal(a, b)
         for key in ("running_mean", "running_var", "num_batches_tracked"):
-            assert torch.equal(cbn.get_buffer(key), bn.get_buffer(key)), key
+            torch.testing.assert_close(cbn.get_buffer(key), bn.get_buffer(key), rtol=1e-14, atol=1e-15)
         assert int(cbn.hist_len) == 0
         x = gaussian(5, 4, 6, 6, seed=9)
-        assert torch.equal(cbn.eval()(x), bn.eval()(x))
+        torch.testing.assert_close(cbn.eval()(x), bn.eval()(x), rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("attach", [False, True])

@@ -148,11 +148,21 @@ def test_fused_matches_plain_torch(
     assert y.dtype == y_ref.dtype == dtype
     assert_close_rel(y, y_ref, TOL[dtype], "output")
     names = ["input", *(n for n, _ in module.named_parameters())]
+    exact = None
     for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
         assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
-        # Parameter grads sum over the batch in fp32 in both paths; half-precision rounding of
-        # the summands differs, so they get the dtype's tolerance on the relative error too.
-        assert_close_rel(g, g_ref, TOL[dtype] * (4 if name != "input" else 1), name)
+        if name == "input" or dtype not in (torch.bfloat16, torch.float16):
+            assert_close_rel(g, g_ref, TOL[dtype], name)
+            continue
+        # Half-precision parameter grads sum over the batch: torch's own channels-first
+        # LayerNorm path loses up to 11% of them in bf16 (one thread), so the fused grads are
+        # held to the fp64 truth: within the dtype's tolerance, or no farther than torch's.
+        if exact is None:
+            _, exact = grads_of(copy.deepcopy(module).double(), x.double())
+        truth = exact[names.index(name)]
+        scale = max(1.0, truth.abs().max().item())
+        err, err_ref = ((t.double() - truth).abs().max().item() for t in (g, g_ref))
+        assert err <= max(4 * TOL[dtype] * scale, err_ref), f"{name}: fused {err:.3g}, torch {err_ref:.3g}"
 
 
 REFERENCE_CASES = [
