@@ -42,6 +42,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             tensorboard=args.tensorboard,
             device=args.device,
+            nproc=args.nproc,
+            dist_bn=args.dist_bn,
         )
     except KeyboardInterrupt:
         print(
@@ -90,6 +92,20 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--data-dir", help="data directory (default: $NORMLAB_DATA or ~/.cache/normlab)")
     p.add_argument("--device", default="cpu", help="cpu (default, bit-exact resume) or cuda")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes per run: above 1, each run trains data-parallel under torchrun "
+        "(gloo on CPU, nccl with --device cuda), --jobs runs at a time (default 1)",
+    )
+    p.add_argument(
+        "--dist-bn",
+        default="sync",
+        choices=["sync", "average", "broadcast"],
+        help="BatchNorm statistics with --nproc > 1: sync (default: over the global batch), "
+        "average or broadcast (running statistics synced before each evaluation and checkpoint)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (runs/*/tb)")
     p.set_defaults(func=cmd_study)

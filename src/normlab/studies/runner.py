@@ -9,6 +9,11 @@ Layout of a study directory::
 A run is finished when its ``result.json`` exists (written last, atomically). ``--resume``
 skips finished runs and continues unfinished ones from their last checkpoint, so a study
 killed at any instant (SIGKILL included) loses at most ``ckpt_every`` steps of one run per job.
+
+With ``nproc > 1`` each run is data-parallel: it is launched as
+``python -m torch.distributed.run --standalone --nproc_per_node N -m normlab.train ...`` (a
+subprocess per run; ``jobs`` such launches at a time, one by default) and trains as described
+in :mod:`normlab.train.distributed`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import importlib
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -32,7 +39,8 @@ import torch
 from normlab.studies.environment import environment
 from normlab.studies.framework import RunSpec, Study, StudyOptions
 from normlab.train.config import RunConfig, config_hash
-from normlab.train.loop import RESULT_FILE, train, write_json
+from normlab.train.distributed import DEFAULT_DIST_BN, DIST_BN_MODES, DistBN
+from normlab.train.loop import CONFIG_FILE, RESULT_FILE, train, write_json
 from normlab.train.tasks import prepare_data
 
 PLAN_FILE = "plan.json"
@@ -139,6 +147,58 @@ def _run_one(
     return spec.key, summary, None, time.perf_counter() - t0
 
 
+def torchrun_command(
+    config_file: Path,
+    directory: Path,
+    *,
+    nproc: int,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    dist_bn: DistBN = DEFAULT_DIST_BN,
+) -> list[str]:
+    """The command that trains one run on ``nproc`` processes of this machine (torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "normlab.train", "--config", str(config_file), "--run-dir", str(directory), "--resume"]
+    cmd += ["--device", device, "--dist-bn", dist_bn]
+    return cmd + (["--data-dir", data_dir] if data_dir is not None else [])
+
+
+def _run_one_distributed(
+    spec: RunSpec,
+    directory: str,
+    data_dir: str | None,
+    device: str,
+    nproc: int,
+    threads: int,
+    dist_bn: DistBN,
+) -> tuple[str, dict[str, Any] | None, str | None, float]:
+    """Train one run with torchrun in a subprocess; returns what :func:`_run_one` returns."""
+    t0 = time.perf_counter()
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():  # what train writes first; the launched ranks read it
+        write_json(config_file, {"config_hash": config_hash(spec.config), "config": spec.config.to_dict()})
+    cmd = torchrun_command(config_file, path, nproc=nproc, data_dir=data_dir, device=device, dist_bn=dist_bn)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch threads of each rank
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    result = path / RESULT_FILE
+    if proc.returncode != 0 or not result.exists():
+        log = f"$ {' '.join(cmd)}\nexit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        (path / ERROR_FILE).write_text(log)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("normlab.train rank")]
+        last = lines[-1] if lines else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return (
+            spec.key,
+            None,
+            f"torchrun exited with code {proc.returncode}: {last}",
+            time.perf_counter() - t0,
+        )
+    (path / ERROR_FILE).unlink(missing_ok=True)
+    summary: dict[str, Any] = json.loads(result.read_text())
+    return spec.key, summary, None, time.perf_counter() - t0
+
+
 def _brief(summary: dict[str, Any]) -> str:
     parts = [f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, (int, float))]
     if summary.get("diverged"):
@@ -159,6 +219,8 @@ def run_study(
     tensorboard: bool = False,
     plots: bool = True,
     device: str = "cpu",
+    nproc: int = 1,
+    dist_bn: DistBN = DEFAULT_DIST_BN,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``study`` into ``out`` and write its report; returns the results (``results.json``).
@@ -171,6 +233,11 @@ def run_study(
             for several).
         plots: draw the report's PNG figures (needs matplotlib).
         device: where runs train (``"cpu"``, ``"cuda"``; resume is bit-exact on CPU only).
+        nproc: processes per run: above 1, each run is launched with torchrun and trains
+            data-parallel (gloo on CPU, nccl with CUDA, one GPU per process), ``jobs`` runs
+            at a time; ``threads`` is then per process (default ``cores // (jobs * nproc)``).
+        dist_bn: BatchNorm statistics across the processes of a run (``"sync"``: over the
+            global batch; ``"average"`` / ``"broadcast"``: see :mod:`normlab.train.distributed`).
     """
     from normlab.studies.report import write_report
 
@@ -181,6 +248,10 @@ def run_study(
         raise ValueError(f"run_study: jobs must be >= 1, got {jobs!r}")
     if threads is not None and threads < 1:
         raise ValueError(f"run_study: threads must be >= 1, got {threads!r}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"run_study: nproc must be an int >= 1, got {nproc!r}")
+    if dist_bn not in DIST_BN_MODES:
+        raise ValueError(f"run_study: dist_bn must be one of {DIST_BN_MODES}, got {dist_bn!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run_study: device {device!r} requested but CUDA is not available here")
@@ -225,6 +296,7 @@ def run_study(
     echo(
         f"study {study.name!r}: {len(specs)} runs in {len({s.cell for s in specs})} cells, "
         f"{len(specs) - len(todo)} already finished; {len(todo)} to run with {jobs} job(s)"
+        + (f" of {nproc} processes each (torchrun)" if nproc > 1 else "")
     )
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -239,7 +311,26 @@ def run_study(
         else:
             echo(f"[{done}/{len(todo)}] {key}: {_brief(summary or {})} ({seconds:.1f} s)")
 
-    if jobs == 1 or len(todo) <= 1:
+    if nproc > 1:
+        per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
+        # threads suffice: each run is a torchrun subprocess
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as launcher:
+            launches = [
+                launcher.submit(
+                    _run_one_distributed,
+                    spec,
+                    str(run_dir(study_dir, spec.key)),
+                    data_dir_s,
+                    device,
+                    nproc,
+                    per_process,
+                    dist_bn,
+                )
+                for spec in todo
+            ]
+            for launched in concurrent.futures.as_completed(launches):
+                report(*launched.result())
+    elif jobs == 1 or len(todo) <= 1:
         previous = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)

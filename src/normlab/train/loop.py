@@ -13,18 +13,25 @@ A run directory holds:
 
 Each step: ``lr = base_lr * lr_factor(step)``; the batch of ``step``; ``loss = task loss +
 aux_loss_weight * normlab.total_aux_loss(model)``; backward; optional global-norm clipping;
-optimizer step. A non-finite loss stops the run and marks it diverged; its final metrics then
-take the task's fallback values (the uniform predictor's loss, chance accuracy).
+optimizer step; ``runtime.after_step`` (what a norm prescribes outside the forward pass, e.g.
+BLN's epoch end). A non-finite loss stops the run and marks it diverged; its final metrics
+then take the task's fallback values (the uniform predictor's loss, chance accuracy).
+
+Under ``torch.distributed`` (a process group of more than one process, e.g. ``torchrun -m
+normlab.train``) the same loop trains data-parallel: see :func:`train` and
+:mod:`normlab.train.distributed`.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab._atomic import atomic_torch_save, atomic_write_bytes
-from normlab.norms import total_aux_loss
+from normlab.norms import convert_sync, total_aux_loss
+from normlab.train import distributed
 from normlab.train.config import RunConfig, TrainConfig, config_hash
 from normlab.train.logger import JsonlLogger, read_jsonl
 from normlab.train.probes import get_probe
@@ -40,6 +48,7 @@ from normlab.train.schedules import lr_factor
 from normlab.train.state import (
     clean_stale_temps,
     load_state,
+    rng_state,
     save_state,
     seed_everything,
     set_rng_state,
@@ -114,29 +123,94 @@ def _grad_norm(params: Sequence[Tensor]) -> float:
 
 
 def _accumulate_gradients(
-    runtime: TaskRuntime, model: nn.Module, batch: tuple[Tensor, Tensor], cfg: TrainConfig, device: Any
-) -> float:
-    """Forward and backward over the ``cfg.accum_steps`` micro-batches of ``batch``; returns the
-    mean task loss, or a non-finite value (before any backward of a non-finite loss)."""
-    inputs, targets = batch
-    micro = len(inputs) // cfg.accum_steps
+    runtime: TaskRuntime,
+    model: nn.Module,
+    step: int,
+    cfg: TrainConfig,
+    device: Any,
+    ctx: distributed.Context | None = None,
+) -> tuple[float, list[int]]:
+    """Forward and backward over the ``cfg.accum_steps`` micro-batches of this rank's share of
+    batch ``step``; returns the mean task loss (over every rank) and the ranks whose loss was
+    not finite (then before any backward of that micro-batch, on every rank alike).
+
+    With a process group, each micro-batch's loss (and whether computing it raised) is
+    gathered from every rank before its backward, so all ranks stop or go on together; an
+    exception on one rank is raised there and as a :class:`~normlab.train.distributed.
+    RankFailedError` naming it on the others. DDP all-reduces the gradients once per step:
+    the micro-batches before the last run under ``no_sync()``.
+    """
+    accum = cfg.accum_steps
+    part_inputs: Tensor | None = None
+    part_targets: Tensor | None = None
     total = 0.0
-    for i in range(cfg.accum_steps):
-        part = (
-            inputs[i * micro : (i + 1) * micro].to(device),
-            targets[i * micro : (i + 1) * micro].to(device),
-        )
-        task_loss = runtime.loss(model, part)
-        loss = task_loss
-        if cfg.aux_loss_weight:
-            loss = loss + cfg.aux_loss_weight * total_aux_loss(model)
-        value = float(task_loss.detach())
-        if not math.isfinite(value) or not math.isfinite(float(loss.detach())):
-            return value if not math.isfinite(value) else math.nan
-        # one slice's share of the batch mean, so the summed gradient is the batch gradient
-        torch.autograd.backward(loss / cfg.accum_steps if cfg.accum_steps > 1 else loss)
-        total += value
-    return total / cfg.accum_steps
+    for i in range(accum):
+        error: Exception | None = None
+        value = math.nan
+        loss: Tensor | None = None
+        try:
+            if part_inputs is None or part_targets is None:
+                part_inputs, part_targets = distributed.shard(runtime.batch(step), ctx, accum_steps=accum)
+            micro = len(part_inputs) // accum
+            part = (
+                part_inputs[i * micro : (i + 1) * micro].to(device),
+                part_targets[i * micro : (i + 1) * micro].to(device),
+            )
+            task_loss = runtime.loss(model, part)
+            loss = task_loss
+            if cfg.aux_loss_weight:
+                loss = loss + cfg.aux_loss_weight * total_aux_loss(model)
+            value = float(task_loss.detach())
+            if math.isfinite(value) and not math.isfinite(float(loss.detach())):
+                value = math.nan  # a finite task loss with a non-finite auxiliary loss
+        except Exception as err:
+            if ctx is None:
+                raise
+            error = err
+        if ctx is None:
+            values = [value]
+        else:
+            rows = distributed.gather_floats([float(error is not None), value], ctx)
+            raised = [r for r, row in enumerate(rows) if row[0]]
+            if error is not None:
+                raise error
+            if raised:
+                names = ", ".join(map(str, raised))
+                raise distributed.RankFailedError(
+                    f"train: rank {names} raised an exception at step {step + 1} (see that rank's "
+                    "traceback); every rank stops",
+                    raised,
+                )
+            values = [row[1] for row in rows]
+        bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            return values[bad[0]], bad
+        assert loss is not None
+        scaled = loss / accum if accum > 1 else loss  # the slice's share of the batch mean
+        no_sync = getattr(model, "no_sync", None)
+        with no_sync() if no_sync is not None and i < accum - 1 else nullcontext():
+            torch.autograd.backward(scaled)
+        total += sum(values) / len(values)  # equal slices: the global mean
+    return total / accum, []
+
+
+def _no_buffer_broadcast(ddp: type[nn.Module]) -> dict[str, Any]:
+    """DDP keyword that keeps buffers per rank between the syncs of ``dist_bn`` (by default DDP
+    copies rank 0's buffers at every forward): ``forward_sync_buffers`` from torch 2.13 on,
+    ``broadcast_buffers`` before (deprecated since)."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+class _NoLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run directory)."""
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,6 +273,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     task: TaskRuntime | None = None,
     device: str | torch.device = "cpu",
+    dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN,
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir`` and return its summary (the content of ``result.json``).
 
@@ -208,9 +283,31 @@ def train(
     starts over. ``on_step(step)`` is called after every optimizer step. ``device`` places the
     model and batches (CUDA runs are not bit-exact on resume: CUDA RNG and kernels are not
     covered).
+
+    Data-parallel: when a ``torch.distributed`` process group of more than one process is
+    initialised (``python -m normlab.train`` under ``torchrun`` does it; see
+    :mod:`normlab.train.distributed`), every process calls ``train`` with the same arguments:
+    the model is wrapped in ``DistributedDataParallel``, each rank trains on its slice of the
+    global batch ``config.train.batch_size``, BatchNorm statistics follow ``dist_bn``
+    (``"sync"``, the default: cross-process BatchNorm over the global batch; ``"average"`` /
+    ``"broadcast"``: plain BatchNorm, running statistics averaged / copied from rank 0 before
+    every evaluation and checkpoint), and rank 0 alone writes the run directory. Checkpoints hold
+    the unwrapped model (the keys of a single-process run, so either resumes the other) and every
+    rank's RNG state; a resume with the same world size is bit-exact. At the end every rank
+    checks that its parameters and buffers equal rank 0's, bitwise.
     """
     for name in config.task.probes:  # an unknown probe fails now, not after training
         get_probe(name)
+    if dist_bn not in distributed.DIST_BN_MODES:
+        raise ValueError(f"train: dist_bn must be one of {distributed.DIST_BN_MODES}, got {dist_bn!r}")
+    ctx = distributed.context()
+    main = ctx is None or ctx.is_main
+    cfg = config.train
+    if ctx is not None and cfg.batch_size % (ctx.world_size * cfg.accum_steps):
+        raise ValueError(
+            f"train: batch_size={cfg.batch_size} is not divisible by world_size={ctx.world_size} x "
+            f"accum_steps={cfg.accum_steps}; every rank needs an equal slice of the global batch"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(config)
@@ -226,111 +323,182 @@ def train(
         if result_path.exists():
             result: dict[str, Any] = json.loads(result_path.read_text())
             return result
-    else:
+    elif main:
         write_json(config_path, {"config_hash": digest, "config": config.to_dict()})
-    cfg = config.train
     ckpt_path = run_dir / CHECKPOINT_FILE
-    with _run_lock(run_dir), _deterministic(cfg.deterministic):
-        clean_stale_temps(run_dir)
-        runtime = task if task is not None else make_task(config, data_dir=data_dir)
-        seed_everything(cfg.seed)
-        model = runtime.build_model().to(device)
-        optimizer = make_optimizer(model, cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
+    with ExitStack() as stack:
+        error: Exception | None = None
+        try:
+            if main:  # rank 0 holds the lock for the group
+                stack.enter_context(_run_lock(run_dir))
+        except ValueError as err:
+            error = err
+        distributed.raise_together(error, ctx, "taking the run lock")
+        stack.enter_context(_deterministic(cfg.deterministic))
         start, elapsed = 0, 0.0
-        if resume and ckpt_path.exists():
-            state = load_state(ckpt_path, config_hash=digest)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            start, elapsed = int(state["step"]), float(state["extra"].get("elapsed_s", 0.0))
-        else:
-            ckpt_path.unlink(missing_ok=True)
+        try:
+            if main:
+                clean_stale_temps(run_dir)
+            runtime = task if task is not None else make_task(config, data_dir=data_dir)
+            seed_everything(cfg.seed)
+            net = runtime.build_model().to(device)
+            if ctx is not None and dist_bn == "sync":
+                net = convert_sync(net)  # the same Parameters and buffers, global statistics
+            optimizer = make_optimizer(net, cfg)
+            if resume and ckpt_path.exists():
+                state = load_state(ckpt_path, config_hash=digest)
+                net.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                ranks_rng = state.get("rank_rng")
+                if ctx is not None and ranks_rng is not None and len(ranks_rng) == ctx.world_size:
+                    set_rng_state(ranks_rng[ctx.rank])
+                elif ctx is None or ctx.is_main:
+                    set_rng_state(state["rng"])
+                else:  # another world size: the run goes on, not bit-exactly
+                    seed_everything(distributed.rank_seed(cfg.seed + int(state["step"]), ctx.rank))
+                start, elapsed = int(state["step"]), float(state["extra"].get("elapsed_s", 0.0))
+            else:
+                if main:
+                    ckpt_path.unlink(missing_ok=True)
+                if ctx is not None and not main:
+                    seed_everything(distributed.rank_seed(cfg.seed, ctx.rank))
+        except Exception as err:
+            error = err
+        distributed.raise_together(error, ctx, "setting up the run")
+        if ctx is not None:
+            starts = [int(row[0]) for row in distributed.gather_floats([start], ctx)]
+            if len(set(starts)) > 1:
+                raise ValueError(
+                    f"train: the ranks resume from different steps {starts} (by rank): every rank must "
+                    f"read the same {str(run_dir)!r} (a shared file system on several nodes)"
+                )
+        params = [p for p in net.parameters() if p.requires_grad]
+        model: nn.Module = net
+        if ctx is not None:
+            from torch.nn.parallel import DistributedDataParallel  # imports torch._dynamo: seconds
+
+            model = DistributedDataParallel(net, **_no_buffer_broadcast(DistributedDataParallel))
         # a fresh start drops every record of an earlier attempt; a resume keeps those up to its step
-        logger = JsonlLogger.open(run_dir / METRICS_FILE, keep_until_step=start if start else -1)
+        logger: JsonlLogger | _NoLogger = (
+            JsonlLogger.open(run_dir / METRICS_FILE, keep_until_step=start if start else -1)
+            if main
+            else _NoLogger()
+        )
+        stack.callback(logger.close)
+        scale = {"world_size": ctx.world_size, "dist_bn": dist_bn} if ctx is not None else {}
         if start == 0:
-            logger.log({"kind": "start", "step": 0, "fallback": runtime.fallback(), **runtime.describe()})
+            logger.log(
+                {"kind": "start", "step": 0, "fallback": runtime.fallback(), **runtime.describe(), **scale}
+            )
         else:
-            logger.log({"kind": "resume", "step": start})
-        writer = _tensorboard(run_dir) if tensorboard else None
-        bar = _progress(cfg.steps, start, run_dir.name, progress)
+            logger.log({"kind": "resume", "step": start, **scale})
+        writer = _tensorboard(run_dir) if tensorboard and main else None
+        bar = _progress(cfg.steps, start, run_dir.name, progress and main)
+        if writer is not None:
+            stack.callback(writer.close)
+        if bar is not None:
+            stack.callback(bar.close)
         t0 = time.perf_counter()
         grad_norm = 0.0
-        try:
-            for step in range(start, cfg.steps):
-                lr = cfg.lr * lr_factor(
-                    step,
-                    schedule=cfg.schedule,
-                    total=cfg.steps,
-                    warmup=cfg.warmup,
-                    min_ratio=cfg.min_lr_ratio,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                optimizer.zero_grad(set_to_none=True)
-                value = _accumulate_gradients(runtime, model, runtime.batch(step), cfg, device)
-                if not math.isfinite(value):
-                    logger.log({"kind": "diverged", "step": step + 1, "loss": value})
-                    break
-                if cfg.grad_clip is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    if cfg.grad_clip is None:
-                        grad_norm = _grad_norm(params)
-                    record = {"kind": "train", "step": done, "loss": value, "lr": lr, "grad_norm": grad_norm}
-                    logger.log(record)
-                    if writer is not None:
-                        writer.add_scalar("train/loss", value, done)
-                        writer.add_scalar("train/lr", lr, done)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-                optimizer.step()
-                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                    model.eval()
-                    metrics = runtime.evaluate(model)
-                    logger.log({"kind": "eval", "step": done, **metrics})
-                    if writer is not None:
-                        for k, v in metrics.items():
-                            writer.add_scalar(f"eval/{k}", v, done)
-                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-                    extra = {"elapsed_s": elapsed + time.perf_counter() - t0}
+        for step in range(start, cfg.steps):
+            lr = cfg.lr * lr_factor(
+                step,
+                schedule=cfg.schedule,
+                total=cfg.steps,
+                warmup=cfg.warmup,
+                min_ratio=cfg.min_lr_ratio,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            value, failed = _accumulate_gradients(runtime, model, step, cfg, device, ctx)
+            if failed:
+                record: dict[str, Any] = {"kind": "diverged", "step": step + 1, "loss": value}
+                if ctx is not None:
+                    record.update({"rank": failed[0], "ranks": failed})
+                    if main:
+                        print(
+                            f"normlab.train: non-finite loss on rank {', '.join(map(str, failed))} at step "
+                            f"{step + 1}: every rank stops ({run_dir})",
+                            file=sys.stderr,
+                        )
+                logger.log(record)
+                break
+            if cfg.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=False))
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                if cfg.grad_clip is None:
+                    grad_norm = _grad_norm(params)
+                logger.log({"kind": "train", "step": done, "loss": value, "lr": lr, "grad_norm": grad_norm})
+                if writer is not None:
+                    writer.add_scalar("train/loss", value, done)
+                    writer.add_scalar("train/lr", lr, done)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            optimizer.step()
+            runtime.after_step(net, done)  # e.g. BLN's epoch end, MBN's second forward
+            evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+            checkpoint = cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps
+            if evaluate or checkpoint:
+                distributed.sync_buffers(net, dist_bn, ctx)
+            if evaluate:  # every rank evaluates the same model, so none waits for rank 0
+                net.eval()
+                metrics = runtime.evaluate(net)
+                logger.log({"kind": "eval", "step": done, **metrics})
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"eval/{k}", v, done)
+            if checkpoint:
+                rngs = distributed.gather_objects(rng_state(), ctx)
+                if main:
                     save_state(
                         ckpt_path,
-                        model=model,
+                        model=net,
                         optimizer=optimizer,
                         step=done,
                         config_hash=digest,
-                        extra=extra,
+                        extra={"elapsed_s": elapsed + time.perf_counter() - t0},
+                        rank_rng=rngs if ctx is not None else None,
                     )
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(done)
-            last_step = max((int(r.get("step", 0)) for r in read_jsonl(run_dir / METRICS_FILE)), default=0)
-            if config.task.probes:
-                model.eval()
-                logger.log({"kind": "probe", "step": last_step, **runtime.probe(model)})
-        finally:
-            logger.close()
             if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
-        atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / FINAL_FILE)
-        summary = summarize(read_jsonl(run_dir / METRICS_FILE))
-        summary.update(
-            {
-                "status": "finished",
-                "config_hash": digest,
-                "wall_s": round(elapsed + time.perf_counter() - t0, 3),
-                "threads": torch.get_num_threads(),
-                "kernels": _kernel_state(),
-            }
-        )
-        write_json(result_path, _finite(summary))
-        ckpt_path.unlink(missing_ok=True)
+                bar.update(1)
+            if on_step is not None:
+                on_step(done)
+        distributed.sync_buffers(net, dist_bn, ctx)  # a run stopped by a NaN skipped the last eval
+        distributed.check_identical(net, ctx)
+        error = None
+        try:
+            if main:
+                if config.task.probes:
+                    last_step = max(
+                        (int(r.get("step", 0)) for r in read_jsonl(run_dir / METRICS_FILE)), default=0
+                    )
+                    net.eval()
+                    logger.log({"kind": "probe", "step": last_step, **runtime.probe(net)})
+                logger.close()
+                atomic_torch_save(
+                    {k: v.detach().cpu() for k, v in net.state_dict().items()}, run_dir / FINAL_FILE
+                )
+                summary = summarize(read_jsonl(run_dir / METRICS_FILE))
+                summary.update(
+                    {
+                        "status": "finished",
+                        "config_hash": digest,
+                        "wall_s": round(elapsed + time.perf_counter() - t0, 3),
+                        "threads": torch.get_num_threads(),
+                        "kernels": _kernel_state(),
+                        **scale,
+                    }
+                )
+                write_json(result_path, _finite(summary))
+                ckpt_path.unlink(missing_ok=True)
+        except Exception as err:
+            error = err
+        distributed.raise_together(error, ctx, "writing the results")  # also the barrier before reading
+        if not main:
+            summary = json.loads(result_path.read_text())
     return summary
 
 

@@ -81,8 +81,13 @@ def save_state(
     step: int,
     config_hash: str,
     extra: dict[str, Any] | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write everything a resumed run needs to continue bit-for-bit after ``step`` steps."""
+    """Write everything a resumed run needs to continue bit-for-bit after ``step`` steps.
+
+    ``rank_rng``: in a data-parallel run, the RNG states of every rank (rank order), gathered
+    by rank 0; ``rng`` is then rank 0's, so the checkpoint also resumes single-process.
+    """
     payload = {
         "format": FORMAT,
         "step": step,
@@ -92,6 +97,8 @@ def save_state(
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }
+    if rank_rng is not None:
+        payload["rank_rng"] = list(rank_rng)
     return atomic_torch_save(payload, path)
 
 
