@@ -145,6 +145,16 @@ def test_similar_and_exceeds_rules() -> None:
     assert above.evaluate(Stats((-0.5, 0.6)), None).verdict == "inconclusive"
 
 
+def test_paired_similar_compares_seed_by_seed() -> None:
+    a, b = Stats((0.55, 0.60, 0.65)), Stats((0.551, 0.60, 0.649))  # same runs, large seed spread
+    assert Similar(tol=0.01, relative=False).evaluate(a, b).verdict == "inconclusive"
+    assert Similar(tol=0.01, relative=False, paired=True).evaluate(a, b).verdict == "reproduced"
+    shifted = Stats((0.60, 0.65, 0.70))
+    assert Similar(tol=0.01, relative=False, paired=True).evaluate(shifted, b).verdict == "not reproduced"
+    with pytest.raises(ValueError, match="3 values on side A, 2 on side B"):
+        Similar(tol=0.01, paired=True).evaluate(a, Stats((0.5, 0.6)))
+
+
 def test_rules_round_trip_through_the_plan() -> None:
     for rule in (Better(lower_is_better=False, k=3.0, min_effect=0.1), Similar(tol=0.02), Exceeds(value=1.0)):
         assert rule_from_dict(json.loads(json.dumps(rule.to_dict()))) == rule

@@ -241,11 +241,17 @@ class Similar(Rule):
     ``diff = |mean_A - mean_B|``, ``tol_abs = tol * |mean_B|`` (``relative``) or ``tol``.
     Reproduced if ``diff + k * pooled_sd <= tol_abs``; not reproduced if ``diff - k * pooled_sd
     > tol_abs``; otherwise inconclusive.
+
+    ``paired``: the two sides are compared seed by seed (the report passes the values of the
+    seeds finished on both sides, in seed order): ``diff = |mean_s (A_s - B_s)|`` and the
+    spread is the sd of the per-seed differences, for claims that two procedures give the
+    same run from the same seed, where the seed-to-seed spread is not the question.
     """
 
     tol: float
     relative: bool = True
     k: float = 2.0
+    paired: bool = False
     kind: ClassVar[str] = "similar"
 
     def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
@@ -254,9 +260,14 @@ class Similar(Rule):
         early = _too_few(a, b)
         if early is not None:
             return early
-        diff = abs(a.mean - b.mean)
         tol = self.tol * abs(b.mean) if self.relative else self.tol
-        spread = pooled_sd(a, b)
+        if self.paired:
+            if a.n != b.n:
+                raise ValueError(f"Similar(paired=True): {a.n} values on side A, {b.n} on side B")
+            diffs = Stats(tuple(x - y for x, y in zip(a.values, b.values, strict=True)))
+            diff, spread = abs(diffs.mean), diffs.sd
+        else:
+            diff, spread = abs(a.mean - b.mean), pooled_sd(a, b)
         numbers = {"abs_diff": diff, "tolerance": tol, "pooled_sd": spread}
         if diff + self.k * spread <= tol:
             return Outcome("reproduced", f"|diff| {diff:.4g} + {self.k:g} sd <= tolerance {tol:.3g}", numbers)
@@ -270,6 +281,12 @@ class Similar(Rule):
 
     def describe(self, metric: str, label_a: str, label_b: str | None) -> str:
         tol = f"{self.tol:.0%} of {label_b}'s mean" if self.relative else f"{self.tol:g}"
+        if self.paired:
+            return (
+                f"reproduced if |mean per-seed difference of {metric}, {label_a} - {label_b}| + "
+                f"{self.k:g} x its sd <= {tol}; not reproduced if |mean difference| - {self.k:g} x sd "
+                f"> {tol}; else inconclusive"
+            )
         return (
             f"reproduced if |mean {metric} of {label_a} - {label_b}| + {self.k:g} x pooled sd <= {tol}; "
             f"not reproduced if |difference| - {self.k:g} x pooled sd > {tol}; else inconclusive"

@@ -174,16 +174,31 @@ def _cell_curves(records_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]
     return curves
 
 
-def _side_stats(
-    side: Mapping[str, Any], metric: str, runs: Mapping[str, Any]
-) -> tuple[Stats, dict[str, Any]]:
+def _side_runs(side: Mapping[str, Any], runs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The runs the side selects, in seed order."""
     chosen = [
         r
         for r in runs.values()
         if r["group"] == side["group"] and all(r["params"].get(k) == v for k, v in side["where"].items())
     ]
+    return sorted(chosen, key=lambda r: int(r["seed"]))
+
+
+def _measured(run: Mapping[str, Any], metric: str) -> bool:
+    return run["status"] == "finished" and _finite(run["metrics"].get(metric))
+
+
+def _side_stats(
+    side: Mapping[str, Any], metric: str, runs: Mapping[str, Any], seeds: set[int] | None = None
+) -> tuple[Stats, dict[str, Any]]:
+    """The side's values of ``metric`` in seed order (only those of ``seeds``, if given)."""
+    chosen = _side_runs(side, runs)
     finished = [r for r in chosen if r["status"] == "finished"]
-    values = tuple(r["metrics"][metric] for r in finished if _finite(r["metrics"].get(metric)))
+    values = tuple(
+        r["metrics"][metric]
+        for r in finished
+        if _measured(r, metric) and (seeds is None or int(r["seed"]) in seeds)
+    )
     info = {
         "label": side["label"],
         "runs": len(chosen),
@@ -197,8 +212,12 @@ def _side_stats(
 def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[str, Any]:
     metric = claim["metric"]
     rule = rule_from_dict(claim["rule"])
-    a, a_info = _side_stats(claim["a"], metric, runs)
-    b, b_info = _side_stats(claim["b"], metric, runs) if claim["b"] is not None else (None, None)
+    seeds = None
+    if getattr(rule, "paired", False) and claim["b"] is not None:  # the seeds measured on both sides
+        seeds_a = {int(r["seed"]) for r in _side_runs(claim["a"], runs) if _measured(r, metric)}
+        seeds = seeds_a & {int(r["seed"]) for r in _side_runs(claim["b"], runs) if _measured(r, metric)}
+    a, a_info = _side_stats(claim["a"], metric, runs, seeds)
+    b, b_info = _side_stats(claim["b"], metric, runs, seeds) if claim["b"] is not None else (None, None)
     outcome = rule.evaluate(a, b)
 
     def side_text(s: Stats, info: Mapping[str, Any]) -> str:
