@@ -13,7 +13,12 @@ Norms are built with :func:`normlab.create_norm` on ``(N, C, H, W)`` feature map
 ``"channel"`` layout as they are, norms with a ``channels_first`` option (DyT, Derf, ...) with
 it set, and ``"layernorm"`` as the original CNN LayerNorm over ``(C, H, W)``, which is
 ``GroupNorm(num_groups=1)`` (Wu & He 2018, arXiv:1803.08494). GroupNorm defaults to
-``num_groups=min(8, C)`` (the paper's 32 groups do not divide the widths of these toys).
+``num_groups=min(8, C)`` (the paper's 32 groups do not divide the widths of these toys);
+``norm_kwargs={"group_size": g}`` fixes the channels per group instead (``num_groups = C / g`` in
+every layer, as Lubana et al.'s ``p_grouping < 1``): ``g = 1`` is InstanceNorm.
+
+A Cross-Iteration BatchNorm (``"cbn"``, Yao et al. 2021, arXiv:2002.05712) is attached to the
+conv right before it, whose weight its Taylor compensation needs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.norms import NORMS, create_norm
+from normlab.norms import NORMS, CrossIterationBatchNorm, create_norm
 from normlab.norms._base import Device, DType
 
 
@@ -41,6 +46,18 @@ def make_conv_norm(
     if name == "layernorm":
         # the original LayerNorm of a CNN normalizes over (C, H, W): GroupNorm with one group
         return create_norm("groupnorm", num_channels, num_groups=1, **opts)
+    if "group_size" in opts:
+        size = opts.pop("group_size")
+        if name != "groupnorm":
+            raise ValueError(f"ConvNet: group_size is a GroupNorm option, got norm {norm!r}")
+        if "num_groups" in opts:
+            raise ValueError("ConvNet: give group_size or num_groups, not both")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or num_channels % size:
+            raise ValueError(
+                f"ConvNet: group_size must be a positive int dividing every width, got {size!r} "
+                f"for {num_channels} channels"
+            )
+        opts["num_groups"] = num_channels // size
     if name == "groupnorm" and "num_groups" not in opts:
         opts["num_groups"] = min(8, num_channels)
     if cls.spec.layout == "channel":  # type: ignore[attr-defined]
@@ -98,6 +115,13 @@ def _conv3x3(c_in: int, c_out: int, stride: int, bias: bool, dd: dict[str, Any])
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias, **dd)
 
 
+def _paired(conv: nn.Conv2d, norm: nn.Module) -> nn.Module:
+    """``norm``, attached to ``conv`` if it is a CBN (its compensation needs the conv's weight)."""
+    if isinstance(norm, CrossIterationBatchNorm):
+        norm.attach(conv)
+    return norm
+
+
 class BasicBlock(nn.Module):
     """``relu(gain * norm2(conv2(relu(norm1(conv1 x)))) + shortcut(x))`` (He et al. 2016).
 
@@ -120,14 +144,14 @@ class BasicBlock(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         conv_bias = NORMS.resolve(cfg.norm) == "identity"
         self.conv1 = _conv3x3(c_in, c_out, stride, conv_bias, dd)
-        self.norm1 = make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs)
+        self.norm1 = _paired(self.conv1, make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs))
         self.conv2 = _conv3x3(c_out, c_out, 1, conv_bias, dd)
-        self.norm2 = make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs)
+        self.norm2 = _paired(self.conv2, make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
+            short = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=conv_bias, **dd)
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=conv_bias, **dd),
-                make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs),
+                short, _paired(short, make_conv_norm(cfg.norm, c_out, **dd, **cfg.norm_kwargs))
             )
         self.gain = nn.Parameter(torch.zeros((), **dd)) if cfg.skipinit else None
 
@@ -158,19 +182,17 @@ class ConvNet(nn.Module):
             for i, width in enumerate(cfg.widths):
                 for j in range(cfg.depth):
                     stride = 2 if i > 0 and j == 0 else 1
+                    conv = _conv3x3(c_in, width, stride, conv_bias, dd)
                     layers += [
-                        _conv3x3(c_in, width, stride, conv_bias, dd),
-                        make_conv_norm(cfg.norm, width, **dd, **cfg.norm_kwargs),
+                        conv,
+                        _paired(conv, make_conv_norm(cfg.norm, width, **dd, **cfg.norm_kwargs)),
                         nn.ReLU(),
                     ]
                     c_in = width
         else:
             w0 = cfg.widths[0]
-            layers += [
-                _conv3x3(c_in, w0, 1, conv_bias, dd),
-                make_conv_norm(cfg.norm, w0, **dd, **cfg.norm_kwargs),
-                nn.ReLU(),
-            ]
+            stem = _conv3x3(c_in, w0, 1, conv_bias, dd)
+            layers += [stem, _paired(stem, make_conv_norm(cfg.norm, w0, **dd, **cfg.norm_kwargs)), nn.ReLU()]
             c_in = w0
             for i, width in enumerate(cfg.widths):
                 for j in range(cfg.depth):

@@ -55,6 +55,9 @@ class DyT(PointwiseNorm):
         elementwise_affine: learn per-feature ``weight`` and ``bias``; if False, ``y = tanh(alpha * x)``.
         bias: learn ``bias`` (with ``elementwise_affine``).
         channels_first: features are dimension 1 of ``(N, C, *)`` (ConvNeXt-style feature maps).
+        learnable_alpha: learn ``alpha`` (the paper). If False, ``alpha`` stays at ``alpha_init``:
+            a buffer under the same ``state_dict`` key, the "fixed alpha" ablation of the paper's
+            Table 8.
 
     Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first`` -> same shape and dtype.
     """
@@ -69,6 +72,7 @@ class DyT(PointwiseNorm):
         elementwise_affine: bool = True,
         bias: bool = True,
         channels_first: bool = False,
+        learnable_alpha: bool = True,
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -81,7 +85,14 @@ class DyT(PointwiseNorm):
             dtype=dtype,
         )
         self.alpha_init = float(alpha_init)
-        self.alpha = self.scalar(self.alpha_init, device, dtype)
+        self.learnable_alpha = bool(learnable_alpha)
+        self.alpha: Tensor
+        if self.learnable_alpha:
+            self.alpha = self.scalar(self.alpha_init, device, dtype)
+        else:
+            # a buffer, not a frozen Parameter: optimizers and weight decay never see it, and
+            # `requires_grad_(True)` on the model cannot silently make it learnable again
+            self.register_buffer("alpha", torch.full((1,), self.alpha_init, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,7 +105,8 @@ class DyT(PointwiseNorm):
         return NF.dyt(x, self.alpha, self.weight, self.bias, channel_dim=self.channel_dim)
 
     def extra_repr(self) -> str:
-        return f"{self._affine_repr()}, alpha_init={self.alpha_init}"
+        frozen = "" if self.learnable_alpha else ", learnable_alpha=False"
+        return f"{self._affine_repr()}, alpha_init={self.alpha_init}{frozen}"
 
 
 __all__ = ["DyT", "dyt_alpha_init"]
