@@ -1,11 +1,20 @@
 """Studies: each reproduces seed papers' headline claims on real data, with verdicts and a report.
 
-A study is one file here that calls :func:`register_study`, plus one import line below.
+A study is one file here that calls :func:`register_study`, plus one name in the import below.
 ``normlab study list`` shows them; ``normlab study NAME`` runs one; ``normlab report DIR``
 rewrites a report.
 """
 
-from normlab.studies import quick  # noqa: F401  (each import registers one study)
+# each import registers one study
+from normlab.studies import (  # noqa: F401
+    batchless,
+    depth,
+    dyt,
+    groupsize,
+    quick,
+    small_batch,
+    warmup,
+)
 from normlab.studies.framework import (
     STUDIES,
     Better,
