@@ -41,8 +41,11 @@ rules below, fixed before the full run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -72,6 +75,20 @@ BATCH = 32
 MIB = float(1 << 20)
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null (C++ code writes there directly, not through sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     """``(peak, fn())``: the peak of the bytes torch allocates on the CPU while ``fn`` runs,
     above what was allocated when it started.
@@ -81,13 +98,19 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     time order. Tensors created before the call and kept are not counted; tensors that ``fn``
     returns are counted while they exist.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ start/stop lines would clutter a study's log
+        prof.start()
+    try:
         out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     results = prof.profiler.kineto_results if prof.profiler is not None else None
     if results is None:  # pragma: no cover - the profiler always records here
         raise RuntimeError("peak_allocated_bytes: the profiler recorded nothing")
     moves = [
-        (e.start_ns(), i, int(e.nbytes()))
+        (e.start_ns(), i, int(e.nbytes()))  # type: ignore[attr-defined]  # missing from the stub
         for i, e in enumerate(results.events())
         if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
     ]
