@@ -1,7 +1,7 @@
 """What a study is: a grid of runs, claims with verdict rules fixed before the run, plots.
 
 A study is one file in ``normlab/studies/`` that builds a :class:`Study` and registers it with
-:func:`register_study`, plus one import line in ``normlab/studies/__init__.py``::
+:func:`register_study`, plus its name in the import of ``normlab/studies/__init__.py``::
 
     STUDY = register_study(Study(name="warmup", title=..., question=..., grid=_grid,
                                  claims=(Claim(...),), plots=(PlotSpec(...),)))
