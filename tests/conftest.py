@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from normlab.kernels import use_kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -23,3 +27,26 @@ settings.load_profile("normlab")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread_plain_torch() -> Iterator[None]:
+    """One thread, and no fused kernels (their first use compiles C++ for a minute); for the
+    training tests (``pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with use_kernels(False):
+        yield
+    torch.set_num_threads(previous)
+
+
+TINY_TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" for i in range(300))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A ``--data-dir`` holding a tiny Shakespeare (``text/shakespeare.txt``)."""
+    root = tmp_path / "data"
+    (root / "text").mkdir(parents=True)
+    (root / "text" / "shakespeare.txt").write_text(TINY_TEXT)
+    return root

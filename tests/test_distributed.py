@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.data import ImageSet, TextCorpus
-from normlab.kernels import use_kernels
 from normlab.studies import RunSpec
 from normlab.studies.runner import _run_one_distributed, torchrun_command
 from normlab.train import (
@@ -56,14 +54,7 @@ TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" fo
 TINY_GPT = {"n_layer": 2, "n_embd": 16, "n_head": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Iterator[None]:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,6 +383,7 @@ def launch(args: list[str], delay: float) -> list[subprocess.Popen[str]]:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
+    """The corpus of the in-process reference runs, as a ``--data-dir`` for the subprocesses."""
     root = tmp_path / "data"
     (root / "text").mkdir(parents=True)
     (root / "text" / "shakespeare.txt").write_text(TEXT)

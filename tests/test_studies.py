@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from normlab.cli import main
 from normlab.data import images as images_mod
 from normlab.data import text as text_mod
-from normlab.kernels import use_kernels
 from normlab.studies import (
     Better,
     Claim,
@@ -35,25 +33,7 @@ from normlab.studies.framework import rule_from_dict
 from normlab.studies.quick import resid_var_growth
 from normlab.train import LMTask, RunConfig, TrainConfig, read_jsonl
 
-TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" for i in range(300))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Any:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    (root / "text").mkdir(parents=True)
-    (root / "text" / "shakespeare.txt").write_text(TEXT)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 def _make(*, seed: int, placement: str, block_size: int = 16) -> RunConfig:

@@ -17,32 +17,19 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.data import images as images_mod
-from normlab.kernels import use_kernels
 from normlab.models import GPT, ConvNet, ConvNetConfig, GPTConfig
 from normlab.studies import RunSpec, StudyOptions, get_study, grid, run_study
 from normlab.studies import batchless as bl_study
 from normlab.studies import dyt as dyt_study
 from normlab.train import ImageTask, LMTask, RunConfig
 
-TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" for i in range(300))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Any:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """Shakespeare as a tiny text, and Fashion-MNIST as four tiny IDX files."""
-    root = tmp_path / "data"
-    (root / "text").mkdir(parents=True)
-    (root / "text" / "shakespeare.txt").write_text(TEXT)
+def data_dir(data_dir: Path) -> Path:
+    """conftest's tiny Shakespeare, and Fashion-MNIST as four tiny IDX files."""
+    root = data_dir
     folder = root / "fashion-mnist"
     folder.mkdir()
     rng = np.random.default_rng(0)

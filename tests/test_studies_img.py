@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.data.images import ImageSet
-from normlab.kernels import use_kernels
 from normlab.models import BasicBlock, ConvNet, ConvNetConfig
 from normlab.models.convnet import make_conv_norm
 from normlab.studies import StudyOptions, get_study, run_study
@@ -30,15 +29,7 @@ from normlab.studies.runner import make_plan
 from normlab.train import ImageTask, RunConfig, TrainConfig, train
 from normlab.train.tasks import ImageRuntime
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Any:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 def _images(n_train: int = 64, n_test: int = 32, seed: int = 0) -> tuple[np.ndarray, ...]:

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 
-from normlab.kernels import use_kernels
 from normlab.models import GPT, GPTConfig
 from normlab.studies import Study, StudyOptions, get_study, grid, run_study
 from normlab.studies import depth as depth_mod
@@ -20,25 +19,7 @@ from normlab.studies.depth import count_spikes, deep_angular, loss_spikes, probe
 from normlab.studies.warmup import last_fc2_grad_at_init, probe_init_grads
 from normlab.train.probes import get_probe
 
-TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" for i in range(300))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Any:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    (root / "text").mkdir(parents=True)
-    (root / "text" / "shakespeare.txt").write_text(TEXT)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 def _train(losses: list[float]) -> list[dict[str, Any]]:

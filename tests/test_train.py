@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.data import ImageSet, TextCorpus
-from normlab.kernels import use_kernels
 from normlab.train import (
     ImageRuntime,
     ImageTask,
@@ -36,14 +35,7 @@ TEXT = "".join(f"LINE {i % 7}: the quick brown fox jumps over the lazy dog\n" fo
 TINY_GPT = {"n_layer": 2, "n_embd": 16, "n_head": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_plain_torch() -> Any:
-    """One thread, and no fused kernels (their first use compiles C++ for a minute)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_kernels(False):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
 
 def lm_config(*, dropout: float = 0.0, **train: Any) -> RunConfig:
