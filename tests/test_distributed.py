@@ -164,8 +164,11 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     crashed = _outcome(
         lambda: train(RESUME_CASE, out / "resumed", task=lm_runtime(RESUME_CASE), on_step=crash)
     )
+    other_bn = _outcome(
+        lambda: train(RESUME_CASE, out / "resumed", task=lm_runtime(RESUME_CASE), dist_bn="average")
+    )
     resumed = train(RESUME_CASE, out / "resumed", task=lm_runtime(RESUME_CASE))
-    results["resume"] = {"straight": straight, "crashed": crashed, "resumed": resumed}
+    results["resume"] = {"straight": straight, "crashed": crashed, "other-bn": other_bn, "resumed": resumed}
 
     base = lm_runtime(FAULT_CASE)
     nan_task = NaNOnRank1(base.task, base.corpus, seed=0, batch_size=8)
@@ -298,6 +301,8 @@ def check_resume(tmp: Path, ranks: list[dict[str, Any]]) -> None:
     """Crash after step 3 (checkpoint at 2), resume: bit-exact with the straight run, dropout on."""
     for r in ranks:
         assert r["resume"]["crashed"]["error"] == "CrashAtError"
+        other = r["resume"]["other-bn"]  # refused: the checkpoint was trained with 'sync'
+        assert other["error"] == "ValueError" and "dist_bn='sync'" in other["message"], other
         assert r["resume"]["resumed"]["final"] == r["resume"]["straight"]["final"]
     straight, resumed = tmp / "runs" / "straight", tmp / "runs" / "resumed"
     assert max_diff(final_state(straight), final_state(resumed)) == 0.0

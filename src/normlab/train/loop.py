@@ -347,6 +347,12 @@ def train(
             optimizer = make_optimizer(net, cfg)
             if resume and ckpt_path.exists():
                 state = load_state(ckpt_path, config_hash=digest)
+                saved_bn = state["extra"].get("dist_bn")
+                if ctx is not None and saved_bn is not None and saved_bn != dist_bn:
+                    raise ValueError(
+                        f"train: {str(ckpt_path)!r} was trained with dist_bn={saved_bn!r}; resuming it "
+                        f"with dist_bn={dist_bn!r} would change BatchNorm's statistics mid-run"
+                    )
                 net.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 ranks_rng = state.get("rank_rng")
@@ -459,7 +465,10 @@ def train(
                         optimizer=optimizer,
                         step=done,
                         config_hash=digest,
-                        extra={"elapsed_s": elapsed + time.perf_counter() - t0},
+                        extra={
+                            "elapsed_s": elapsed + time.perf_counter() - t0,
+                            "dist_bn": dist_bn if ctx is not None else None,
+                        },
                         rank_rng=rngs if ctx is not None else None,
                     )
             if bar is not None:
