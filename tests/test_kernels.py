@@ -32,7 +32,7 @@ from test_reference import BY_LABEL, PRECISIONS, build, compare_with_reference
 from cases import make_input, randomize_params
 
 OPS = torch.ops.normlab
-FUSED = ("dyt", "derf", "rmsnorm", "layernorm", "lns", "groupnorm")
+FUSED = ("dyt", "derf", "rmsnorm", "layernorm", "lns", "groupnorm", "batchnorm")
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +103,9 @@ CONFIGS: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     ("groupnorm", {"num_groups": 1}, (3, 24, 7)),
     ("groupnorm", {"num_groups": 24, "bias": False}, (2, 24, 6)),
     ("groupnorm", {"num_groups": 3, "affine": False}, (3, 24)),
+    ("batchnorm", {}, (4, 24, 7, 7)),
+    ("batchnorm", {"affine": False}, (3, 24, 50)),
+    ("batchnorm", {"track_running_stats": False, "bias": False}, (2, 24, 61)),
 ]
 
 
@@ -176,6 +179,7 @@ REFERENCE_CASES = [
     ("lns", {"layer_idx": 3}),
     ("lns", {"layer_idx": 2, "base": "rmsnorm", "elementwise_affine": False}),
     ("groupnorm", {"num_groups": 3}),
+    ("batchnorm", {}),
 ]
 
 
@@ -271,6 +275,7 @@ def test_large_inputs_across_threads(threads: int) -> None:
             ("layernorm", {}, x),
             ("rmsnorm", {"bias": True}, x[:1000]),
             ("groupnorm", {"num_groups": 32}, x[:1000].view(1, 1000, 768).transpose(1, 2)),
+            ("batchnorm", {}, x.view(2, 768, 2731)),  # runs of 2731: a vector tail in each
         ):
             module = randomize_params(normlab.create_norm(name, 768, **kwargs))
             y, grads = grads_of(module, inp)
@@ -440,6 +445,8 @@ def _opcheck_cases() -> Iterator[Any]:
         yield "add-rms", OPS.add_rms_norm.default, (_p(3, 8, **d), _p(3, 8, **d), 8, None, None, 1e-6, True)
         yield "gn", OPS.group_norm.default, (_p(2, 8, 5, **d), 4, _p(8, **f32), _p(8, **f32), 1e-5, False)
         yield "gn-cl", OPS.group_norm.default, (_p(2, 5, 8, **d), 2, _p(8, **f32), None, 1e-5, True)
+        yield "bn", OPS.batch_norm_train.default, (_p(3, 8, 20, **d), _p(8, **f32), _p(8, **f32), 1e-5)
+        yield "bn-noaffine", OPS.batch_norm_train.default, (_p(2, 5, 9, **d), None, None, 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -482,3 +489,116 @@ def test_group_norm_plain_path_for_other_layouts() -> None:
     x = torch.randn(2, 8, 6, 5)[:, :, ::2]
     assert fused_ops_called(lambda: gn(x)) == set()
     torch.testing.assert_close(gn(x), F.group_norm(x, 2, gn.weight, gn.bias, gn.eps))
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm's training step: statistics, running update, fallbacks
+
+
+def test_batch_norm_large_mean_is_accurate() -> None:
+    """x = 1e4 + randn in fp32: the kernel's statistics re-centre and x - mean keeps the mean's fp32
+    tail, so the output, grads and statistics stay near fp64 (torch's own fp32 kernel: ~1e-4)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 6, 50, generator=g, dtype=torch.float64) + 1e4).float()
+    w, b = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    upstream = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    xs = x.clone().requires_grad_(True)
+    assert fused_ops_called(lambda: NF.batch_norm_train(xs, w, b, 1e-5))
+    y, mean, var = NF.batch_norm_train(xs, w, b, 1e-5)
+    (dx,) = torch.autograd.grad(y, [xs], upstream.float())
+    x64 = x.double().requires_grad_(True)
+    y64 = F.batch_norm(x64, None, None, w.double(), b.double(), True, 0.0, 1e-5)
+    (dx64,) = torch.autograd.grad(y64, [x64], upstream)
+    var64, mean64 = torch.var_mean(x.double(), dim=[0, 2], correction=0)
+    assert_close_rel(y, y64, 1e-6, "output")
+    assert_close_rel(dx, dx64, 1e-6, "dx")
+    assert_close_rel(mean, mean64, 1e-7, "mean")
+    assert (var.double() - var64).abs().max().item() <= 1e-6 * var64.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_norm_running_update_matches_the_plain_path(dtype: torch.dtype) -> None:
+    """Two training steps and an eval step, kernels on vs off: running statistics, counters, output."""
+    modules: list[normlab.BatchNorm] = []
+    outs: list[Tensor] = []
+    for on in (True, False):
+        bn = normlab.BatchNorm(16, momentum=0.3)
+        randomize_params(bn).to(dtype)
+        g = torch.Generator().manual_seed(2)
+        with K.use_kernels(on):
+            for _ in range(2):
+                x = ((torch.randn(3, 16, 7, 8, generator=g, dtype=torch.float64) - 0.7) * 3).to(dtype)
+                calls = fused_ops_called(lambda: bn(x))  # noqa: B023
+                assert bool(calls) == on
+            outs.append(bn.eval()(x))
+        modules.append(bn)
+    fused, plain = (
+        tuple(m.get_buffer(k) for k in ("num_batches_tracked", "running_mean", "running_var"))
+        for m in modules
+    )
+    assert int(fused[0]) == int(plain[0]) == 2
+    tol = TOL[dtype]
+    assert_close_rel(fused[1], plain[1], tol, "running_mean")
+    assert_close_rel(fused[2], plain[2], tol, "running_var")
+    assert_close_rel(outs[0], outs[1], tol, "eval output")
+
+
+def test_batch_norm_non_finite_batch_skips_the_update() -> None:
+    bn = normlab.BatchNorm(4)
+    x = torch.randn(2, 4, 64)
+    x[1, 2, 3] = float("nan")
+    assert fused_ops_called(lambda: bn(x))
+    assert int(bn.skipped_updates) == 1 and int(bn.get_buffer("num_batches_tracked")) == 0
+    assert torch.equal(bn.get_buffer("running_mean"), torch.zeros(4))
+    assert torch.equal(bn.get_buffer("running_var"), torch.ones(4))
+
+
+def test_batch_norm_plain_path_for_other_layouts_and_short_planes() -> None:
+    """Channels-last maps, (N, C), planes under 48 positions and momentum=None keep torch's path."""
+    cases: list[tuple[tuple[int, ...], torch.memory_format, float | None]] = [
+        ((2, 8, 6, 5), torch.channels_last, 0.1),
+        ((5, 8), torch.contiguous_format, 0.1),
+        ((4, 8, 5, 5), torch.contiguous_format, 0.1),
+        ((2, 8, 16), torch.contiguous_format, None),
+    ]
+    for shape, fmt, momentum in cases:
+        bn = randomize_params(normlab.BatchNorm(8, momentum=momentum))
+        ref = copy.deepcopy(bn)
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        assert fused_ops_called(lambda: bn(x)) == set()  # noqa: B023
+        with K.use_kernels(False):
+            y_ref = ref(x)
+        torch.testing.assert_close(bn.get_buffer("running_var"), ref.get_buffer("running_var"))
+        torch.testing.assert_close(bn(x), y_ref)
+
+
+def test_cross_batch_norm_without_a_group_uses_the_fused_step() -> None:
+    """No process group: CrossBatchNorm is BatchNorm (same math), so it takes the fused op."""
+    cbn = randomize_params(normlab.create_norm("crossbn", 8))
+    x = torch.randn(3, 8, 60)
+    assert fused_ops_called(lambda: grads_of(cbn, x)) == {
+        "normlab::batch_norm_train",
+        "normlab::batch_norm_train_backward",
+    }
+
+
+def test_batch_norm_double_backward() -> None:
+    bn = randomize_params(normlab.BatchNorm(3, track_running_stats=False)).double()
+    x = (torch.randn(2, 3, 50, dtype=torch.float64) + 0.3).requires_grad_(True)
+    assert fused_ops_called(lambda: bn(x).sum().backward())
+    assert torch.autograd.gradcheck(bn, (x,))
+    assert torch.autograd.gradgradcheck(bn, (x,))
+
+
+@pytest.mark.parametrize("label", [p.label for p in PRECISIONS])
+def test_batch_norm_reference_through_the_fused_op(label: str) -> None:
+    """test_reference's fp64 check on maps large enough for the fused op (its own shapes, 7 and
+    5x3 positions, take torch's path): C=123 (vector tails in the parameters), scale 1 and 50."""
+    prec = BY_LABEL[label]
+    for scale in (1.0, 50.0):
+        module = build("batchnorm", 123, "train", prec.module_dtype)
+        g = torch.Generator().manual_seed(7)
+        x = ((torch.randn(3, 123, 7, 8, generator=g, dtype=torch.float64) + 0.3) * scale).to(prec.input_dtype)
+        x.requires_grad_(True)
+        assert fused_ops_called(lambda: module(x))  # noqa: B023
+        compare_with_reference("batchnorm", module, x, prec, key="batchnorm fused")

@@ -230,6 +230,39 @@ def group_norm(
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm's training step (Ioffe & Szegedy 2015, arXiv:1502.03167) on ``(N, C, *)`` input:
+    ``y = (x - mean_c) / sqrt(var_c + eps) * w_c + b_c`` with the batch mean and **biased**
+    variance of each channel over ``N`` and the positions; returns ``(y, mean, var)``, the
+    statistics (no gradient) in fp32 (fp64 for fp64 input), for the caller's running update.
+
+    normlab's fused kernel for contiguous input with at least 48 positions per channel plane,
+    else :func:`batch_norm_train_torch`.
+    """
+    fused = _kernels.batch_norm_train(x, weight, bias, eps)
+    if fused is not None:
+        return fused
+    return batch_norm_train_torch(x, weight, bias, eps)
+
+
+def batch_norm_train_torch(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_train` in plain torch: ``F.batch_norm`` and a ``torch.var_mean`` pass."""
+    dims = [0, *range(2, x.dim())]
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.detach().to(compute_dtype(x)), dim=dims, correction=0)
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), mean, var
+
+
 def add_layer_norm(
     x: Tensor,
     residual: Tensor,

@@ -14,6 +14,9 @@ GroupNorm on token layouts, see ``design/performance.md``); these ops make one p
   ``h = x + r; y = norm(h)``, returning ``(y, h)`` (see :func:`normlab.functional.add_layer_norm`).
 - ``normlab::group_norm``: GroupNorm (arXiv:1803.08494) for ``(N, C, *)`` stored contiguous or
   channels-last, so ``(N, L, C)`` tokens passed as ``x.transpose(1, 2)`` take a one-sweep path.
+- ``normlab::batch_norm_train``: BatchNorm's training step (arXiv:1502.03167) on contiguous
+  ``(N, C, *)``, returning ``(y, mean, var)`` for the running update; one task per channel, which
+  stays in L2 between its statistics and its writes (about 2 tensor passes forward, 3 backward).
 
 fp32, fp64, bf16 and fp16 inputs; statistics and parameter grads accumulated in fp32 (fp64 for
 fp64). The ops are ``torch.library`` operators with fake kernels and autograd, so

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("pointwise.cpp", "rownorm.cpp", "groupnorm.cpp", "register.cpp")
+SOURCES = ("pointwise.cpp", "rownorm.cpp", "groupnorm.cpp", "batchnorm.cpp", "register.cpp")
 HEADERS = ("common.h", "ops.h")
 
 

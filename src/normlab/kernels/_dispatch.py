@@ -186,3 +186,21 @@ def group_norm(
         y = OPS.group_norm(moved.reshape(n, -1, c), num_groups, weight, bias, eps, True)
         return cast(Tensor, y.view(moved.shape).movedim(-1, 1))
     return None
+
+
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """BatchNorm's training step on contiguous (N, C, *) input: ``(y, mean, biased var)``, the
+    statistics per channel over N and the positions (fp32, fp64 for fp64 input). Channels-last or
+    other layouts, and planes of fewer than 48 positions, take the plain path: the kernel sums
+    each (sample, channel) plane as a run of vectors, and below 7x7 maps the runs' tails and
+    per-run sums made it up to 2.3x slower than torch's (measured 5x5: 1.2-1.3x, 3x3: 2.3x)."""
+    if x.dim() < 3 or not x.is_contiguous() or not usable(x, weight, bias):
+        return None
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if s < 48:
+        return None
+    y, mean, var = OPS.batch_norm_train(x.view(n, c, s), weight, bias, eps)
+    return cast(Tensor, y).view(x.shape), mean, var

@@ -77,6 +77,14 @@ _SCHEMAS = {
         "group_norm_backward(Tensor grad, Tensor x, int num_groups, Tensor? weight, float eps,"
         " bool channels_last) -> (Tensor, Tensor, Tensor)"
     ),
+    # BatchNorm training on (N, C, S): (y, mean, biased var), the statistics in the accumulation dtype.
+    "batch_norm_train": (
+        "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    "batch_norm_train_backward": (
+        "batch_norm_train_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps)"
+        " -> (Tensor, Tensor, Tensor)"
+    ),
 }
 for _schema in _SCHEMAS.values():
     _LIB.define(_schema)
@@ -222,6 +230,22 @@ def _gn_backward_fake(
     return _like(x), _acc(x, c), _acc(x, c)
 
 
+@_register_fake("normlab::batch_norm_train")
+def _bn_fake(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = int(x.shape[1])
+    return _like(x), _acc(x, c), _acc(x, c)
+
+
+@_register_fake("normlab::batch_norm_train_backward")
+def _bn_backward_fake(
+    grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = int(x.shape[1])
+    return _like(x), _acc(x, c), _acc(x, c)
+
+
 # ------------------------------------------------------------------------------------------------
 # Plain-torch definitions of each op (the double-backward path), from normlab.functional
 
@@ -284,6 +308,10 @@ def _plain_gn(
     return F.group_norm(x, num_groups, w, b, eps)
 
 
+def _plain_bn(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
 def _grads_plain(
     fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], args: Sequence[Any], grad: Tensor
 ) -> tuple[Tensor, ...]:
@@ -324,6 +352,10 @@ _PLAIN_SCHEMAS = {
     "group_norm_grad_plain": (
         "group_norm_grad_plain(Tensor grad, Tensor x, int num_groups, Tensor? weight, Tensor? bias,"
         " float eps, bool channels_last) -> (Tensor, Tensor, Tensor)"
+    ),
+    "batch_norm_train_grad_plain": (
+        "batch_norm_train_grad_plain(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor, Tensor, Tensor)"
     ),
 }
 for _schema in _PLAIN_SCHEMAS.values():
@@ -385,8 +417,15 @@ def _group_norm_grad_plain(
     )
 
 
+def _batch_norm_train_grad_plain(
+    grad: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float
+) -> tuple[Tensor, ...]:
+    return _grads_plain(lambda x_, w_, b_: _plain_bn(x_, w_, b_, eps), (x, w, b), (), grad)
+
+
 # CompositeImplicitAutograd: they run above autograd, so what they compute is differentiable.
 _LIB.impl("dyt_grad_plain", _dyt_grad_plain, "CompositeImplicitAutograd")
 _LIB.impl("derf_grad_plain", _derf_grad_plain, "CompositeImplicitAutograd")
 _LIB.impl("row_norm_grad_plain", _row_norm_grad_plain, "CompositeImplicitAutograd")
 _LIB.impl("group_norm_grad_plain", _group_norm_grad_plain, "CompositeImplicitAutograd")
+_LIB.impl("batch_norm_train_grad_plain", _batch_norm_train_grad_plain, "CompositeImplicitAutograd")

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab import functional as NF
+from normlab.kernels import _dispatch as _kernels
 from normlab.norms._base import (
     Device,
     DType,
@@ -114,6 +115,10 @@ class BatchNorm(NormMixin, _BatchNorm):
             if self.momentum is not None:
                 return self._train_and_update(x)
             self._update_running_stats(x)
+        elif self.training and not self.track_running_stats:  # eval keeps torch's kernel
+            fused = _kernels.batch_norm_train(x, self.weight, self.bias, self.eps)
+            if fused is not None:
+                return fused[0]
         return F.batch_norm(
             x,
             None if use_batch_stats else self.running_mean,
@@ -126,34 +131,48 @@ class BatchNorm(NormMixin, _BatchNorm):
         )
 
     def _train_and_update(self, x: Tensor) -> Tensor:
-        """Batch statistics and the running-statistics update in torch's one fused pass, on
-        copies of the running buffers that are kept only if finite (an extra statistics pass
-        over ``x`` would cost a third of the layer's time)."""
+        """Training with running statistics and a momentum, without an extra statistics pass
+        over ``x`` (it would cost a third of the layer's time): normlab's fused kernel returns
+        the batch statistics with the output, or else torch's kernel updates copies of the
+        running buffers in its own pass."""
         assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None and self.momentum is not None
+        assert self.momentum is not None
+        fused = _kernels.batch_norm_train(x, self.weight, self.bias, self.eps)
+        if fused is not None:
+            y, batch_mean, batch_var = fused
+            count = math.prod(x.shape) // self.num_features
+            m = self.momentum
+            with torch.no_grad():  # in fp64, rounded once into the buffers, as torch's CPU kernel
+                mean = self.running_mean.double() * (1 - m) + batch_mean.double() * m
+                unbiased = batch_var.double() * (count / (count - 1))
+                self._commit(mean, self.running_var.double() * (1 - m) + unbiased * m)
+            return y
         mean, var = self.running_mean.clone(), self.running_var.clone()
         out = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-        with torch.no_grad():
-            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            self.running_mean.copy_(torch.where(ok, mean, self.running_mean))
-            self.running_var.copy_(torch.where(ok, var, self.running_var))
-            self.num_batches_tracked.add_(ok.long())
-            self.skipped_updates.add_((~ok).long())
+        self._commit(mean, var)
         return out
 
     @torch.no_grad()
     def _update_running_stats(self, x: Tensor) -> None:
         assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x.detach().to(NF.compute_dtype(x)), dim=dims, correction=1)
-        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
+            assert self.num_batches_tracked is not None
             factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
         else:
             factor = self.momentum
         new_mean = self.running_mean * (1 - factor) + mean.to(self.running_mean.dtype) * factor
         new_var = self.running_var * (1 - factor) + var.to(self.running_var.dtype) * factor
+        self._commit(new_mean, new_var)
+
+    @torch.no_grad()
+    def _commit(self, new_mean: Tensor, new_var: Tensor) -> None:
+        """Store the new running statistics if they are finite; a batch with a NaN or an inf
+        leaves them and ``num_batches_tracked`` as they were and counts in ``skipped_updates``."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
         self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
         self.running_var.copy_(torch.where(ok, new_var, self.running_var))
         self.num_batches_tracked.add_(ok.long())

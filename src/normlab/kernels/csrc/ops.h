@@ -1,4 +1,4 @@
-// The op entry points, defined in pointwise.cpp, rownorm.cpp and groupnorm.cpp and registered
+// The op entry points, defined in pointwise.cpp, rownorm.cpp, groupnorm.cpp and batchnorm.cpp, registered
 // for the CPU dispatch key in register.cpp: only that file pays for <torch/library.h>.
 #pragma once
 
@@ -41,5 +41,10 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups, const OptTensor& 
                       double eps, bool channels_last);
 Tensor3 group_norm_backward(const at::Tensor& grad, const at::Tensor& x, int64_t num_groups, const OptTensor& weight,
                             double eps, bool channels_last);
+
+// BatchNorm training on (N, C, S): returns (y, mean, biased var); batchnorm.cpp.
+Tensor3 batch_norm_train(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps);
+Tensor3 batch_norm_train_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& var, const OptTensor& weight, double eps);
 
 }  // namespace normlab

@@ -65,6 +65,10 @@ using GnSig = at::Tensor(const at::Tensor&, int64_t, const OptTensor&, const Opt
 using GnBwdSig = Tensor3(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&, double, bool);
 using GnPlainSig =
     Tensor3(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&, const OptTensor&, double, bool);
+using BnSig = Tensor3(const at::Tensor&, const OptTensor&, const OptTensor&, double);
+using BnBwdSig =
+    Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double);
+using BnPlainSig = Tensor3(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double);
 
 // ---- DyT / Derf --------------------------------------------------------------------------------
 
@@ -234,6 +238,36 @@ struct GroupFn : public torch::autograd::Function<GroupFn> {
   }
 };
 
+// ---- BatchNorm (training) --------------------------------------------------------------------
+
+// Outputs (y, mean, var): only y carries a gradient; the statistics feed the running update.
+struct BatchFn : public torch::autograd::Function<BatchFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = handle<BnSig>("normlab::batch_norm_train");
+    auto [y, mean, var] = op.call(x, weight, bias, eps);
+    ctx->save_for_backward({x, opt(weight), opt(bias), mean, var});
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      static auto op = handle<BnPlainSig>("normlab::batch_norm_train_grad_plain");
+      std::tie(dx, dw, db) = op.call(grads[0], s[0], opt(s[1]), opt(s[2]), eps);
+    } else {
+      static auto op = handle<BnBwdSig>("normlab::batch_norm_train_backward");
+      std::tie(dx, dw, db) = op.call(grads[0], s[0], s[3], s[4], opt(s[1]), eps);
+    }
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), param_grad(dw, s[1]), param_grad(db, s[2]),
+            at::Tensor()};
+  }
+};
+
 at::Tensor dyt_autograd(const at::Tensor& x, const at::Tensor& alpha, const OptTensor& weight, const OptTensor& bias,
                         int64_t channel_dim) {
   return DytFn::apply(x, alpha, weight, bias, channel_dim);
@@ -264,6 +298,10 @@ at::Tensor group_norm_autograd(const at::Tensor& x, int64_t groups, const OptTen
                                double eps, bool channels_last) {
   return GroupFn::apply(x, groups, weight, bias, eps, channels_last);
 }
+Tensor3 batch_norm_train_autograd(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps) {
+  auto out = BatchFn::apply(x, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
 
 }  // namespace
 }  // namespace normlab
@@ -281,6 +319,8 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("add_rms_norm", &normlab::add_rms_norm);
   m.impl("group_norm", &normlab::group_norm);
   m.impl("group_norm_backward", &normlab::group_norm_backward);
+  m.impl("batch_norm_train", &normlab::batch_norm_train);
+  m.impl("batch_norm_train_backward", &normlab::batch_norm_train_backward);
 }
 
 TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
@@ -291,4 +331,5 @@ TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
   m.impl("add_layer_norm", &normlab::add_layer_norm_autograd);
   m.impl("add_rms_norm", &normlab::add_rms_norm_autograd);
   m.impl("group_norm", &normlab::group_norm_autograd);
+  m.impl("batch_norm_train", &normlab::batch_norm_train_autograd);
 }
