@@ -84,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if ctx is not None:  # say which process failed: torchrun interleaves every rank's output
             print(f"normlab.train rank {ctx.rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        raise
-    finally:
         distributed.destroy_process_group()
+        raise
+    distributed.destroy_process_group(barrier=True)
     if ctx is None or ctx.is_main:
         final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items() if isinstance(v, (int, float)))
         print(f"{args.run_dir}: {final}{' (diverged)' if summary['diverged'] else ''}")

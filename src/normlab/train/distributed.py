@@ -167,9 +167,14 @@ def init_process_group(
     return context(), dev
 
 
-def destroy_process_group() -> None:
-    """Tear the default group down if there is one."""
+def destroy_process_group(*, barrier: bool = False) -> None:
+    """Tear the default group down if there is one; with ``barrier``, after every rank got here
+    (a rank that closes its sockets while a peer still finishes its last collective can make
+    that peer's gloo threads abort at exit). No barrier after a failure: it would wait for the
+    timeout."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
