@@ -79,7 +79,7 @@ def _config(norm: str, *, steps: int, batch_size: int = 8, lr: float = 0.05, **k
 def test_small_batch_grid_is_well_formed() -> None:
     study = get_study("small-batch")
     specs = study.specs(StudyOptions())
-    assert len(specs) == 8 * 3 * 2 and len({s.cell for s in specs}) == 24
+    assert len(specs) == 8 * 4 * 2 and len({s.cell for s in specs}) == 32
     for spec in specs:
         cfg, b = spec.config, spec.params["batch_size"]
         assert isinstance(cfg.task, ImageTask)

@@ -1,9 +1,9 @@
-"""The small-batch study: which norms survive batch sizes of 2 to 32 images (``normlab study small-batch``).
+"""The small-batch study: which norms survive batch sizes of 2 to 64 images (``normlab study small-batch``).
 
 BatchNorm, GroupNorm, LayerNorm, InstanceNorm, Batchless, BLN, CBN and MBN in the quick study's
 plain CNN (6 convs, widths 16/32/64) on Fashion-MNIST (or the MNIST-5k fallback), at batch
-sizes 2, 8 and 32, 2 seeds per cell. Every run sees the same images: 2 epochs of a fixed
-1,024-image training subset (2,048 images; 1,024 steps at batch 2, 64 at batch 32), as the
+sizes 2, 8, 32 and 64, 2 seeds per cell. Every run sees the same images: 2 epochs of a fixed
+1,024-image training subset (2,048 images; 1,024 steps at batch 2, 32 at batch 64), as the
 GroupNorm paper compares batch sizes at equal epochs with the learning rate scaled linearly
 with the batch (Wu & He 2018, arXiv:1803.08494, Sec. 4.1; Goyal et al. 2017): SGD with
 momentum 0.9, lr ``0.005 * batch`` (0.01 at batch 2, quick's value), cosine decay to 0.
@@ -25,8 +25,10 @@ Test accuracy (2,000 test images) is measured the way each method prescribes:
 
 ``--scale`` multiplies the training subset (so every run stays two whole epochs).
 
-The budget set the numbers (2 epochs of 1,024 images, 3 batch sizes); the rules were written
-before the pilot and not changed after it. Pilot (``--seeds 1 --scale 0.5``: 2 epochs of 512
+The budget set the numbers (2 epochs of 1,024 images); the rules were written before the pilot
+and not changed after it. The pilot and the first full runs had batch sizes 2, 8 and 32; batch 64
+(the top of the issue's range; no claim reads it, the accuracy-vs-batch plot does) was added
+after them. Pilot (``--seeds 1 --scale 0.5``: 2 epochs of 512
 images, 128 CPU-seconds for 24 runs, so the full study is about 4x that), test accuracy at
 batch 2 / 8 / 32: BatchNorm 0.50 / 0.57 / 0.53, GroupNorm 0.41 / 0.44 / 0.45, LayerNorm
 0.35 / 0.27 / 0.35, Batchless 0.51 / 0.22 / 0.21, CBN 0.47 / 0.55 / 0.41, MBN 0.39 / 0.55 /
@@ -56,7 +58,7 @@ from normlab.studies.framework import (
 from normlab.train.config import ImageTask, RunConfig, TrainConfig
 
 NORMS = ("batchnorm", "groupnorm", "layernorm", "instancenorm", "batchless", "bln", "cbn", "mbn")
-BATCH_SIZES = (2, 8, 32)
+BATCH_SIZES = (2, 8, 32, 64)
 N_TRAIN = 1024
 EPOCHS = 2
 LR_PER_IMAGE = 0.005  # lr = LR_PER_IMAGE * batch size (linear scaling)
@@ -219,7 +221,7 @@ CLAIMS = (
 STUDY = register_study(
     Study(
         name="small-batch",
-        title="normlab small-batch study: eight norms at batch sizes 2 to 32 on Fashion-MNIST",
+        title="normlab small-batch study: eight norms at batch sizes 2 to 64 on Fashion-MNIST",
         question=(
             "Which norms keep their accuracy when the batch shrinks to 2 images, at equal epochs and a "
             "linearly scaled learning rate, each evaluated the way its paper prescribes?"
@@ -247,6 +249,6 @@ STUDY = register_study(
             ),
         ),
         default_seeds=2,
-        budget="about 6 min on 2 idle cores with --jobs 2 (48 runs)",
+        budget="about 8 min on 2 idle cores with --jobs 2 (64 runs)",
     )
 )
