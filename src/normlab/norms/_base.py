@@ -129,6 +129,30 @@ def adopt_buffer_shapes(
             module._buffers[name] = torch.empty(incoming.shape, device=current.device, dtype=current.dtype)
 
 
+def momentum_factor(
+    momentum: float | None, num_batches_tracked: Tensor, dtype: torch.dtype
+) -> Tensor | float:
+    """The weight of the new batch in a running statistic: ``momentum`` (PyTorch's convention),
+    or for ``None`` the cumulative average's ``1 / (n + 1)``, a tensor so that
+    ``torch.compile`` does not break the graph on it."""
+    if momentum is None:
+        return 1.0 / (num_batches_tracked + 1).to(dtype)
+    return momentum
+
+
+@torch.no_grad()
+def commit_if_finite(module: nn.Module, ok: Tensor, **new: Tensor) -> None:
+    """Copy each ``new`` value into ``module``'s buffer of that name where ``ok`` (a 0-d bool
+    tensor: the batch's statistics are finite) and count the batch in ``num_batches_tracked``,
+    else leave the buffers and count it in ``skipped_updates``: the NaN-safe running update of
+    every normlab norm with running statistics, with no host sync."""
+    for name, value in new.items():
+        buffer = module.get_buffer(name)
+        buffer.copy_(torch.where(ok, value, buffer))
+    module.get_buffer("num_batches_tracked").add_(ok.long())
+    module.get_buffer("skipped_updates").add_((~ok).long())
+
+
 def check_eps(owner: str, eps: float) -> float:
     """``eps`` must be a finite number > 0: eps=0 turns constant inputs into NaN."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:

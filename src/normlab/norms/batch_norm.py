@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab import functional as NF
@@ -19,6 +19,8 @@ from normlab.norms._base import (
     check_eps,
     check_momentum,
     check_num_features,
+    commit_if_finite,
+    momentum_factor,
     register_norm,
 )
 
@@ -143,37 +145,38 @@ class BatchNorm(NormMixin, _BatchNorm):
             count = math.prod(x.shape) // self.num_features
             m = self.momentum
             with torch.no_grad():  # in fp64, rounded once into the buffers, as torch's CPU kernel
-                mean = self.running_mean.double() * (1 - m) + batch_mean.double() * m
+                mean = batch_mean.double()
                 unbiased = batch_var.double() * (count / (count - 1))
-                self._commit(mean, self.running_var.double() * (1 - m) + unbiased * m)
+                commit_if_finite(
+                    self,
+                    torch.isfinite(mean).all() & torch.isfinite(unbiased).all(),
+                    running_mean=self.running_mean.double() * (1 - m) + mean * m,
+                    running_var=self.running_var.double() * (1 - m) + unbiased * m,
+                )
             return y
         mean, var = self.running_mean.clone(), self.running_var.clone()
         out = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-        self._commit(mean, var)
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        commit_if_finite(self, ok, running_mean=mean, running_var=var)
         return out
 
     @torch.no_grad()
     def _update_running_stats(self, x: Tensor) -> None:
-        assert self.running_mean is not None and self.running_var is not None
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().to(NF.compute_dtype(x)), dim=dims, correction=1)
-        if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
-            assert self.num_batches_tracked is not None
-            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
-        else:
-            factor = self.momentum
-        new_mean = self.running_mean * (1 - factor) + mean.to(self.running_mean.dtype) * factor
-        new_var = self.running_var * (1 - factor) + var.to(self.running_var.dtype) * factor
-        self._commit(new_mean, new_var)
+        update_running_stats(self, x, self.momentum)
 
-    @torch.no_grad()
-    def _commit(self, new_mean: Tensor, new_var: Tensor) -> None:
-        """Store the new running statistics if they are finite; a batch with a NaN or an inf
-        leaves them and ``num_batches_tracked`` as they were and counts in ``skipped_updates``."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.num_batches_tracked.add_(ok.long())
-        self.skipped_updates.add_((~ok).long())
+
+@torch.no_grad()
+def update_running_stats(module: nn.Module, x: Tensor, momentum: float | None) -> None:
+    """BatchNorm's running update of ``module`` from the mean and unbiased variance of ``x``
+    over every dimension but 1, by ``momentum`` (``None``: the cumulative average), kept only if
+    finite (:func:`~normlab.norms._base.commit_if_finite`). Also CBN's."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.detach().to(NF.compute_dtype(x)), dim=dims, correction=1)
+    running_mean, running_var = module.get_buffer("running_mean"), module.get_buffer("running_var")
+    factor = momentum_factor(momentum, module.get_buffer("num_batches_tracked"), mean.dtype)
+    commit_if_finite(
+        module,
+        torch.isfinite(mean).all() & torch.isfinite(var).all(),
+        running_mean=running_mean * (1 - factor) + mean.to(running_mean.dtype) * factor,
+        running_var=running_var * (1 - factor) + var.to(running_var.dtype) * factor,
+    )

@@ -23,6 +23,7 @@ from normlab.norms._base import (
     register_norm,
     reset_affine,
 )
+from normlab.norms.batch_norm import update_running_stats
 
 WeightSource = nn.Module | Tensor
 
@@ -463,24 +464,9 @@ class CrossIterationBatchNorm(NormMixin, nn.Module):
                 assert buf is not None
                 shift(buf, new)
 
-    @torch.no_grad()
     def _update_running_stats(self, x: Tensor) -> None:
         """As normlab.BatchNorm: the current batch's mean and unbiased variance, non-finite skipped."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().to(NF.compute_dtype(x)), dim=dims, correction=1)
-        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if self.momentum is None:
-            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
-        else:
-            factor = self.momentum
-        new_mean = self.running_mean * (1 - factor) + mean.to(self.running_mean.dtype) * factor
-        new_var = self.running_var * (1 - factor) + var.to(self.running_var.dtype) * factor
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.num_batches_tracked.add_(ok.long())
-        self.skipped_updates.add_((~ok).long())
+        update_running_stats(self, x, self.momentum)
 
     def extra_repr(self) -> str:
         return (

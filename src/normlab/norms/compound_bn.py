@@ -18,6 +18,8 @@ from normlab.norms._base import (
     check_eps,
     check_momentum,
     check_num_features,
+    commit_if_finite,
+    momentum_factor,
     register_norm,
     reset_affine,
 )
@@ -268,10 +270,7 @@ class CompoundBatchNorm(NormMixin, nn.Module):
             & torch.isfinite(torch.where(live, m_hat, 0)).all()
             & torch.isfinite(torch.where(live, s_hat, 0)).all()
         )
-        if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
-            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(m_hat.dtype)
-        else:
-            factor = self.momentum
+        factor = momentum_factor(self.momentum, self.num_batches_tracked, m_hat.dtype)
         dtype = self.running_mean.dtype
         unbiased = s_hat * mass / torch.where(live, mass - 1, torch.ones_like(mass))
         new_mean = torch.where(
@@ -282,11 +281,7 @@ class CompoundBatchNorm(NormMixin, nn.Module):
         )
         new_weight = self.mixture_weight * (1 - factor) + (mass / count).to(dtype) * factor
         new_weight = new_weight / new_weight.sum(0, keepdim=True)  # stays a distribution despite rounding
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.mixture_weight.copy_(torch.where(ok, new_weight, self.mixture_weight))
-        self.num_batches_tracked.add_(ok.long())
-        self.skipped_updates.add_((~ok).long())
+        commit_if_finite(self, ok, running_mean=new_mean, running_var=new_var, mixture_weight=new_weight)
 
     def extra_repr(self) -> str:
         return (

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab import functional as NF
-from normlab.norms._base import Device, DType, NormSpec, register_norm
+from normlab.norms._base import Device, DType, NormSpec, commit_if_finite, momentum_factor, register_norm
 from normlab.norms.batch_norm import BatchNorm
 
 F64 = torch.float64
@@ -189,19 +189,15 @@ class CrossBatchNorm(BatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         unbiased = var * (count / (count - 1))
-        ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-        if self.momentum is None:
-            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(F64)
-        else:
-            factor = self.momentum
+        factor = momentum_factor(self.momentum, self.num_batches_tracked, F64)
         # In float64, rounded once into the buffer (as torch's CPU kernel does): BatchNorm's
         # three fp32 roundings per step gave 2e-7 instead of 6e-8 against fp64 after 2 steps.
-        new_mean = self.running_mean.to(F64) * (1 - factor) + mean * factor
-        new_var = self.running_var.to(F64) * (1 - factor) + unbiased * factor
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.num_batches_tracked.add_(ok.long())
-        self.skipped_updates.add_((~ok).long())
+        commit_if_finite(
+            self,
+            torch.isfinite(mean).all() & torch.isfinite(unbiased).all(),
+            running_mean=self.running_mean.to(F64) * (1 - factor) + mean * factor,
+            running_var=self.running_var.to(F64) * (1 - factor) + unbiased * factor,
+        )
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else ", process_group=<custom>"

@@ -20,6 +20,8 @@ from normlab.norms._base import (
     check_eps,
     check_momentum,
     check_num_features,
+    commit_if_finite,
+    momentum_factor,
     register_norm,
     reset_affine,
 )
@@ -267,20 +269,17 @@ class MemorizedBatchNorm(NormMixin, nn.Module):
         bdtype = self.memory_mean.dtype
         pushed_mean = torch.cat([mean_t.to(bdtype)[None], self.memory_mean[:-1]])
         pushed_var = torch.cat([var_t.to(bdtype)[None], self.memory_var[:-1]])
-        self.memory_mean.copy_(torch.where(ok, pushed_mean, self.memory_mean))
-        self.memory_var.copy_(torch.where(ok, pushed_var, self.memory_var))
         self.memory_count.add_(ok.long())
-        if self.momentum is None:  # cumulative average; a tensor, so no graph break under compile
-            factor: Tensor | float = 1.0 / (self.num_batches_tracked + 1).to(mean_t.dtype)
-        else:
-            factor = self.momentum
+        factor = momentum_factor(self.momentum, self.num_batches_tracked, mean_t.dtype)
         unbiased = var_t * (count / (count - 1))
-        new_mean = self.running_mean * (1 - factor) + mean_t.to(bdtype) * factor
-        new_var = self.running_var * (1 - factor) + unbiased.to(bdtype) * factor
-        self.running_mean.copy_(torch.where(ok, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(ok, new_var, self.running_var))
-        self.num_batches_tracked.add_(ok.long())
-        self.skipped_updates.add_((~ok).long())
+        commit_if_finite(
+            self,
+            ok,
+            memory_mean=pushed_mean,
+            memory_var=pushed_var,
+            running_mean=self.running_mean * (1 - factor) + mean_t.to(bdtype) * factor,
+            running_var=self.running_var * (1 - factor) + unbiased.to(bdtype) * factor,
+        )
 
     def extra_repr(self) -> str:
         return (
