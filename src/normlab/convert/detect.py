@@ -20,8 +20,7 @@ from typing import Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from normlab.norms._base import NormMixin
 from normlab.norms._pointwise import PointwiseNorm
@@ -189,20 +188,24 @@ def _batchnorm_info(module: nn.Module) -> NormInfo:
             foreign=True,
             note="frozen: weight and bias are buffers",
         )
-    bn: _BatchNorm = module  # type: ignore[assignment]
+    return _running_stats_info("batchnorm", module)  # type: ignore[arg-type]
+
+
+def _running_stats_info(kind: Literal["batchnorm", "instancenorm"], module: _NormBase) -> NormInfo:
+    """The fields of torch's ``_NormBase`` (BatchNorm and InstanceNorm alike)."""
     return NormInfo(
-        "batchnorm",
+        kind,
         module,
-        (bn.num_features,),
+        (module.num_features,),
         channels_first=True,
-        eps=float(bn.eps),
-        weight=bn.weight,
-        bias=bn.bias,
-        momentum=bn.momentum,
-        track_running_stats=bn.track_running_stats,
-        running_mean=bn.running_mean,
-        running_var=bn.running_var,
-        num_batches_tracked=bn.num_batches_tracked,
+        eps=float(module.eps),
+        weight=module.weight,
+        bias=module.bias,
+        momentum=module.momentum,
+        track_running_stats=module.track_running_stats,
+        running_mean=module.running_mean,
+        running_var=module.running_var,
+        num_batches_tracked=module.num_batches_tracked,
     )
 
 
@@ -268,21 +271,7 @@ def _known(module: nn.Module) -> NormInfo | None:
             foreign=t not in (nn.GroupNorm, GroupNorm),
         )
     if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, InstanceNorm):
-        inn: _InstanceNorm = module  # type: ignore[assignment]
-        return NormInfo(
-            "instancenorm",
-            module,
-            (inn.num_features,),
-            channels_first=True,
-            eps=float(inn.eps),
-            weight=inn.weight,
-            bias=inn.bias,
-            momentum=inn.momentum,
-            track_running_stats=inn.track_running_stats,
-            running_mean=inn.running_mean,
-            running_var=inn.running_var,
-            num_batches_tracked=inn.num_batches_tracked,
-        )
+        return _running_stats_info("instancenorm", module)  # type: ignore[arg-type]
     if isinstance(module, PointwiseNorm):
         extra: dict[str, Tensor] = {
             n: p for n, p in module.named_parameters(recurse=False) if n not in ("weight", "bias")

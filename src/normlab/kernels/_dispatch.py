@@ -138,13 +138,8 @@ def add_rms_norm(
     eps: float,
     eps_inside: bool,
 ) -> tuple[Tensor, Tensor] | None:
-    n = _row_size(x, normalized_shape, weight, bias)
-    if (
-        n is None
-        or residual.shape != x.shape
-        or residual.dtype != x.dtype
-        or not usable(x, residual, weight, bias)
-    ):
+    n = _residual_row_size(x, residual, normalized_shape, weight, bias)
+    if n is None:
         return None
     y, h = OPS.add_rms_norm(x, residual, n, weight, bias, eps, eps_inside)
     return y, h
@@ -158,16 +153,25 @@ def add_layer_norm(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor] | None:
-    n = _row_size(x, normalized_shape, weight, bias)
-    if (
-        n is None
-        or residual.shape != x.shape
-        or residual.dtype != x.dtype
-        or not usable(x, residual, weight, bias)
-    ):
+    n = _residual_row_size(x, residual, normalized_shape, weight, bias)
+    if n is None:
         return None
     y, h = OPS.add_layer_norm(x, residual, n, weight, bias, eps)
     return y, h
+
+
+def _residual_row_size(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> int | None:
+    """The row size of a fused residual-add + norm, or ``None`` where the op does not apply."""
+    n = _row_size(x, normalized_shape, weight, bias)
+    if n is None or residual.shape != x.shape or residual.dtype != x.dtype:
+        return None
+    return n if usable(x, residual, weight, bias) else None
 
 
 def group_norm(
