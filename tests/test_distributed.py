@@ -215,9 +215,9 @@ def worker(rank: int, tmp: str) -> None:
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
         nd.destroy_process_group()
+        raise
+    nd.destroy_process_group(barrier=True)  # as python -m normlab.train does after a finished run
 
 
 def spawn_pair(tmp: Path) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ torch's default of 30 minutes.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 from collections.abc import Sequence
@@ -171,8 +172,10 @@ def destroy_process_group(*, barrier: bool = False) -> None:
     """Tear the default group down if there is one; with ``barrier``, after every rank got here
     (a rank that closes its sockets while a peer still finishes its last collective can make
     that peer's gloo threads abort at exit). No barrier after a failure: it would wait for the
-    timeout."""
+    timeout. DDP wrappers left unreferenced in cycles (a run stopped by a fault) are collected
+    first, while the group they hold is still alive."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
