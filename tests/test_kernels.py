@@ -319,6 +319,24 @@ def test_residual_add_fused_with_the_norm(fn: Callable[..., tuple[Tensor, Tensor
             assert_close_rel(got, want, 2e-5, "add+norm")
 
 
+@pytest.mark.parametrize("fn", ADD_NORMS, ids=["layernorm", "rmsnorm", "rmsnorm-outside"])
+def test_residual_add_double_backward_with_both_outputs(fn: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    """gradgradcheck through ``(y, h)``: the backward's recomputation reads the saved output ``h``,
+    whose own node also leads to the weight; this once recursed without end (a hang)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = ((2, 48), (2, 48), (48,), (48,))
+    leaves = [torch.randn(shape, generator=g, dtype=torch.float64) + 0.3 for shape in shapes]
+    leaves = [t.requires_grad_(True) for t in leaves]
+
+    def f(*ts: Tensor) -> Tensor:
+        y, h = fn(*ts)
+        return y + 0.5 * h
+
+    assert fused_ops_called(lambda: f(*leaves).sum().backward())
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+    assert torch.autograd.gradgradcheck(f, tuple(leaves))
+
+
 def test_residual_add_uses_one_fused_op_each_way() -> None:
     x = torch.randn(4, 32, requires_grad=True)
     r = torch.randn(4, 32, requires_grad=True)

@@ -317,11 +317,18 @@ def _grads_plain(
 ) -> tuple[Tensor, ...]:
     """Gradients of ``fn(*tensors, *args)`` w.r.t. every tensor, with a graph (double backward).
 
-    Saved inputs that require grad are used as they are, so the returned gradients stay connected
-    to them; the others are detached leaves (their gradients are dropped by the C++ backward).
-    Absent (``None``) tensors get an empty tensor, as an op cannot return ``None``.
+    Saved tensors that require grad enter through an alias (``view_as``), so the returned gradients
+    stay connected to them; the others are detached leaves (their gradients are dropped by the
+    C++ backward). The alias matters for a saved *output* such as the ``h`` of the residual-add
+    ops: its grad_fn is the op's own node, which also leads to the weight; asked for the weight
+    itself, the engine would walk through that node, whose backward lands here again, forever.
+    Asked for aliases, it stops at them. Absent (``None``) tensors get an empty tensor, as an op
+    cannot return ``None``.
     """
-    leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_(True) for t in tensors]
+    leaves = [
+        t if t is None else t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
+        for t in tensors
+    ]
     present = [t for t in leaves if t is not None]
     with torch.enable_grad():
         y = fn(*leaves, *args)
