@@ -15,6 +15,12 @@ from normlab.kernels import use_kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels' tests run in Triton's CPU interpreter. The switch must be set
+# before anything imports triton.language (torch.compile's tests do, through Inductor): its
+# built-ins (tl.sum, ...) are jit functions too, interpreted only if decorated with it set.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # pytest -n N runs N workers on N cores: one torch thread each, or OpenMP threads oversubscribe
 # the cores and spin against each other
 if os.environ.get("PYTEST_XDIST_WORKER"):
