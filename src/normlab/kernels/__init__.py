@@ -1,4 +1,4 @@
-"""Fused CPU kernels for normlab's norms, used automatically by the layers.
+"""Fused kernels for normlab's norms (C++ on CPU, Triton on CUDA), used automatically by the layers.
 
 A normalization layer reads its input once and writes its output once (backward: reads ``x`` and
 ``dy``, writes ``dx``), so it is memory-bound and its speed limit is the machine's copy bandwidth.
@@ -25,14 +25,18 @@ fp64). The ops are ``torch.library`` operators with fake kernels and autograd, s
 The library is compiled at the first fused call (about a minute, then cached, see
 :func:`status`); with no compiler, the plain-torch path runs after one warning. Switch the
 kernels off with ``NORMLAB_KERNELS=0``, :func:`set_enabled` or the :func:`use_kernels` context
-manager. GPU tensors always take the plain path (no Triton kernels yet).
+manager.
+
+CUDA tensors take Triton kernels for the same operators (:mod:`normlab.kernels.gpu`, registered
+with their autograd by :mod:`normlab.kernels._gpu` at the first CUDA call, when Triton is
+installed); BatchNorm keeps torch's cuDNN kernel there. :func:`gpu_status` says what happened.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from normlab.kernels import _build
+from normlab.kernels import _build, _gpu
 from normlab.kernels._build import status
 from normlab.kernels._dispatch import usable
 from normlab.kernels._switch import enabled, set_enabled, use_kernels
@@ -52,9 +56,24 @@ def available() -> bool:
     return _build.STATE.loaded
 
 
+def gpu_status() -> dict[str, Any]:
+    """The Triton kernels' registration: ``loaded``, ``reason`` and the ops whose kernel ``failed``."""
+    return _gpu.status()
+
+
 def info() -> dict[str, Any]:
-    """:func:`status` plus the switch: what ``normlab bench`` records next to its figures."""
-    return {"enabled": enabled(), **status()}
+    """:func:`status` plus the switch and :func:`gpu_status`: what ``normlab bench`` records."""
+    return {"enabled": enabled(), **status(), "gpu": gpu_status()}
 
 
-__all__ = ["available", "build", "enabled", "info", "set_enabled", "status", "usable", "use_kernels"]
+__all__ = [
+    "available",
+    "build",
+    "enabled",
+    "gpu_status",
+    "info",
+    "set_enabled",
+    "status",
+    "usable",
+    "use_kernels",
+]

@@ -1,4 +1,4 @@
-"""When a fused op may replace the plain-torch path, and the calls that do it.
+"""When a fused op (C++ on CPU, Triton on CUDA) may replace the plain-torch path, and the calls that do it.
 
 Each function returns the fused result, or ``None`` when the plain path must run: kernels off,
 library not built (or failed), a device or dtype without a kernel, an empty tensor, a tensor
@@ -11,25 +11,31 @@ never compiles C++.
 from __future__ import annotations
 
 import math
-from typing import cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from normlab.kernels import _build
+from normlab.kernels import _build, _gpu
 from normlab.kernels._ops import OPS
 from normlab.kernels._switch import _Switch
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_DEVICES = ("cpu", "cuda")
+_T = TypeVar("_T")
 
 
 def usable(x: Tensor, *params: Tensor | None) -> bool:
-    """True if the fused CPU ops can compute ``x`` with these parameters (may build on first call)."""
+    """True if fused ops can compute ``x`` with these parameters: the C++ library on CPU (built at
+    the first call), the Triton kernels on CUDA (registered at the first call)."""
     if not _Switch.on:
         return False
-    if type(x) not in _PLAIN_TYPES or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+    if type(x) not in _PLAIN_TYPES or x.device.type not in _DEVICES:
+        return False
+    if x.dtype not in _DTYPES or x.numel() == 0:
         return False
     # Parameters as wide as the accumulation at most: a wider parameter (fp64 weights on fp32
     # input) makes the plain path compute in that dtype, which the kernel does not.
@@ -44,14 +50,25 @@ def usable(x: Tensor, *params: Tensor | None) -> bool:
     # Autocast's op lists (LayerNorm in fp32, ...) do not know the fused ops: keep torch's behaviour.
     if torch.is_autocast_enabled(x.device.type):
         return False
+    on_cpu = x.device.type == "cpu"
     if torch.compiler.is_compiling():
-        return _build.STATE.loaded
+        return _build.STATE.loaded if on_cpu else _gpu.STATE.loaded
     if _forward_ad._current_level >= 0:
         return False
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if is_wrapped(x) or any(p is not None and is_wrapped(p) for p in params):
         return False
-    return _build.ensure_built()
+    return _build.ensure_built() if on_cpu else _gpu.ensure_registered()
+
+
+def _call(op: str, x: Tensor, fn: Callable[..., _T], *args: Any) -> _T | None:
+    """``fn(*args)``, the fused call of ``op``; on CUDA, ``None`` (the plain path) once the op's
+    Triton kernel has failed, which :func:`normlab.kernels._gpu.call_guarded` detects."""
+    if x.device.type == "cpu" or torch.compiler.is_compiling():
+        return fn(*args)
+    if not _gpu.op_usable(op):
+        return None
+    return cast("_T | None", _gpu.call_guarded(op, fn, *args))
 
 
 def _channels_last_view(x: Tensor, channel_dim: int) -> bool:
@@ -65,8 +82,9 @@ def dyt(
     if not usable(x, alpha, weight, bias):
         return None
     if _channels_last_view(x, channel_dim):  # keep the memory format, skip the copy
-        return cast(Tensor, OPS.dyt(x.movedim(1, -1), alpha, weight, bias, -1).movedim(-1, 1))
-    return cast(Tensor, OPS.dyt(x, alpha, weight, bias, channel_dim))
+        y = _call("dyt", x, OPS.dyt, x.movedim(1, -1), alpha, weight, bias, -1)
+        return None if y is None else y.movedim(-1, 1)
+    return _call("dyt", x, OPS.dyt, x, alpha, weight, bias, channel_dim)
 
 
 def derf(
@@ -75,8 +93,9 @@ def derf(
     if not usable(x, alpha, shift, weight, bias):
         return None
     if _channels_last_view(x, channel_dim):
-        return cast(Tensor, OPS.derf(x.movedim(1, -1), alpha, shift, weight, bias, -1).movedim(-1, 1))
-    return cast(Tensor, OPS.derf(x, alpha, shift, weight, bias, channel_dim))
+        y = _call("derf", x, OPS.derf, x.movedim(1, -1), alpha, shift, weight, bias, -1)
+        return None if y is None else y.movedim(-1, 1)
+    return _call("derf", x, OPS.derf, x, alpha, shift, weight, bias, channel_dim)
 
 
 def _row_size(x: Tensor, normalized_shape: tuple[int, ...], *params: Tensor | None) -> int | None:
@@ -112,10 +131,9 @@ def rms_norm(
     if n is None or not usable(x, weight, bias):
         return None
     if _moved_channels(x, normalized_shape):
-        return cast(
-            Tensor, OPS.rms_norm(x.movedim(-1, 1), n, weight, bias, eps, eps_inside, True).movedim(1, -1)
-        )
-    return cast(Tensor, OPS.rms_norm(x, n, weight, bias, eps, eps_inside))
+        y = _call("rms_norm", x, OPS.rms_norm, x.movedim(-1, 1), n, weight, bias, eps, eps_inside, True)
+        return None if y is None else y.movedim(1, -1)
+    return _call("rms_norm", x, OPS.rms_norm, x, n, weight, bias, eps, eps_inside)
 
 
 def layer_norm(
@@ -125,8 +143,9 @@ def layer_norm(
     if n is None or not usable(x, weight, bias):
         return None
     if _moved_channels(x, normalized_shape):
-        return cast(Tensor, OPS.layer_norm(x.movedim(-1, 1), n, weight, bias, eps, True).movedim(1, -1))
-    return cast(Tensor, OPS.layer_norm(x, n, weight, bias, eps))
+        y = _call("layer_norm", x, OPS.layer_norm, x.movedim(-1, 1), n, weight, bias, eps, True)
+        return None if y is None else y.movedim(1, -1)
+    return _call("layer_norm", x, OPS.layer_norm, x, n, weight, bias, eps)
 
 
 def add_rms_norm(
@@ -141,8 +160,7 @@ def add_rms_norm(
     n = _residual_row_size(x, residual, normalized_shape, weight, bias)
     if n is None:
         return None
-    y, h = OPS.add_rms_norm(x, residual, n, weight, bias, eps, eps_inside)
-    return y, h
+    return _call("add_rms_norm", x, OPS.add_rms_norm, x, residual, n, weight, bias, eps, eps_inside)
 
 
 def add_layer_norm(
@@ -156,8 +174,7 @@ def add_layer_norm(
     n = _residual_row_size(x, residual, normalized_shape, weight, bias)
     if n is None:
         return None
-    y, h = OPS.add_layer_norm(x, residual, n, weight, bias, eps)
-    return y, h
+    return _call("add_layer_norm", x, OPS.add_layer_norm, x, residual, n, weight, bias, eps)
 
 
 def _residual_row_size(
@@ -183,12 +200,13 @@ def group_norm(
         return None
     n, c = x.shape[0], x.shape[1]
     if x.is_contiguous():
-        y = OPS.group_norm(x.reshape(n, c, -1), num_groups, weight, bias, eps, False)
-        return cast(Tensor, y.view(x.shape))
+        y = _call("group_norm", x, OPS.group_norm, x.reshape(n, c, -1), num_groups, weight, bias, eps, False)
+        return None if y is None else y.view(x.shape)
     moved = x.movedim(1, -1)
     if moved.is_contiguous():
-        y = OPS.group_norm(moved.reshape(n, -1, c), num_groups, weight, bias, eps, True)
-        return cast(Tensor, y.view(moved.shape).movedim(-1, 1))
+        tokens = moved.reshape(n, -1, c)
+        y = _call("group_norm", x, OPS.group_norm, tokens, num_groups, weight, bias, eps, True)
+        return None if y is None else y.view(moved.shape).movedim(-1, 1)
     return None
 
 
@@ -199,12 +217,19 @@ def batch_norm_train(
     statistics per channel over N and the positions (fp32, fp64 for fp64 input). Channels-last or
     other layouts, and planes of fewer than 48 positions, take the plain path: the kernel sums
     each (sample, channel) plane as a run of vectors, and below 7x7 maps the runs' tails and
-    per-run sums made it up to 2.3x slower than torch's (measured 5x5: 1.2-1.3x, 3x3: 2.3x)."""
+    per-run sums made it up to 2.3x slower than torch's (measured 5x5: 1.2-1.3x, 3x3: 2.3x).
+    CUDA tensors keep torch's cuDNN kernel, already one fused pass each way: the Triton op is
+    registered (``normlab bench`` times it) but not chosen until it measures faster."""
+    if x.device.type != "cpu":
+        return None
     if x.dim() < 3 or not x.is_contiguous() or not usable(x, weight, bias):
         return None
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
     if s < 48:
         return None
-    y, mean, var = OPS.batch_norm_train(x.view(n, c, s), weight, bias, eps)
-    return cast(Tensor, y).view(x.shape), mean, var
+    out = _call("batch_norm_train", x, OPS.batch_norm_train, x.view(n, c, s), weight, bias, eps)
+    if out is None:
+        return None
+    y, mean, var = out
+    return y.view(x.shape), mean, var

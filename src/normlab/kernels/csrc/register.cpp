@@ -323,7 +323,9 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("batch_norm_train_backward", &normlab::batch_norm_train_backward);
 }
 
-TORCH_LIBRARY_IMPL(normlab, Autograd, m) {
+// AutogradCPU, not Autograd: CUDA tensors get their autograd from Python (normlab/kernels/_gpu.py),
+// so the Triton kernels work where this library is not built.
+TORCH_LIBRARY_IMPL(normlab, AutogradCPU, m) {
   m.impl("dyt", &normlab::dyt_autograd);
   m.impl("derf", &normlab::derf_autograd);
   m.impl("layer_norm", &normlab::layer_norm_autograd);
