@@ -113,3 +113,32 @@ def test_timing_summary() -> None:
     assert t.median == 3.0 and t.summary()["min_ms"] == 1.0
     assert 0 < t.spread < 20  # the outlier moves the quartiles, not the median
     assert math.isnan(bench.Timing([1.0]).spread)
+
+
+@pytest.mark.inductor
+def test_compile_role_times_torch_compile_of_the_papers_code() -> None:
+    report = bench.run_bench(**{**TINY, "repeats": 1}, norms=["dyt"], compile=True, e2e_steps=0)
+    assert report["settings"]["compile"] is True and report["settings"]["device"] == "cpu"
+    for r in report["results"]:
+        assert "compile" in r["derived"] and r["derived"]["normlab"]["fwdbwd_vs_compile"] > 0
+    assert "t/compile" in report["_table"]
+
+
+def test_device_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"device must be one of \('cpu', 'cuda'\), got 'tpu'"):
+        bench.run_bench(**TINY, device="tpu", e2e_steps=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"torch\.cuda\.is_available"):
+            bench.run_bench(**TINY, device="cuda", e2e_steps=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bench_runs_the_triton_kernels() -> None:
+    report = bench.run_bench(
+        **{**TINY, "tokens": 4096, "width": 256}, device="cuda", e2e_steps=1, e2e_kwargs=TINY_E2E
+    )
+    assert report["machine"]["gpu_kernels"]["loaded"], report["machine"]["gpu_kernels"]
+    for r in report["results"]:
+        assert {"normlab", "plain", "torch", "compile"} <= set(r["derived"])
+        assert r["derived"]["normlab"]["fwd_copy_frac"] > 0
+    assert all(e["device"] == "cuda" for e in report["e2e"])

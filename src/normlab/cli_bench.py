@@ -5,6 +5,7 @@
     normlab bench                                   # all cases, fp32 and bf16, current threads
     normlab bench --threads 1,2 --out bench/        # table on screen, bench/bench.json, bench/bench.png
     normlab bench --norms dyt,rmsnorm --dtypes fp32 --no-e2e --repeats 30
+    normlab bench --device cuda                     # the Triton kernels, torch.compile, Liger-Kernel
 
 See :mod:`normlab.bench` for what is measured. For stable figures set the allocator first
 (``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184``) and run on
@@ -36,7 +37,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if not os.environ.get("GLIBC_TUNABLES") and sys.platform.startswith("linux"):
+    if args.device == "cpu" and not os.environ.get("GLIBC_TUNABLES") and sys.platform.startswith("linux"):
         print(
             "note: GLIBC_TUNABLES is unset: tensors of 32 MiB or more then cost an mmap and page faults per "
             f"allocation. For stable figures run with GLIBC_TUNABLES={bench.RECOMMENDED_MALLOC}",
@@ -45,6 +46,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     e2e_kwargs: dict[str, Any] = {}
     if args.quick:
         e2e_kwargs = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch": 4}
+    elif args.device == "cuda":
+        e2e_kwargs = {"n_layer": 6, "n_embd": 768, "block_size": 512, "batch": 16}
     report = bench.run_bench(
         norms=_names(args.norms) if args.norms else None,
         dtypes=_names(args.dtypes),
@@ -55,6 +58,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         e2e_steps=0 if args.no_e2e else args.e2e_steps,
         e2e_kwargs=e2e_kwargs,
         progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
+        device=args.device,
+        compile=True if args.compile else None,
     )
     machine = report["machine"]
     kernels = machine["kernels"]
@@ -62,12 +67,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"normlab bench: {machine['cpu']}, {machine['cpus']} CPUs, torch {machine['torch']}; "
         f"load {report['load_before']} -> {report['load_after']}; GLIBC_TUNABLES={machine['glibc_tunables']}"
     )
-    print(
-        f"fused kernels: {'on' if kernels['enabled'] and kernels['loaded'] else 'off'} ({kernels['reason']})"
-    )
+    if args.device == "cuda":
+        gpu = machine["gpu_kernels"]
+        print(
+            f"GPU: {machine['gpu']}, CUDA {machine['cuda']}, Triton {machine['triton']}; "
+            f"Triton kernels: {'on' if kernels['enabled'] and gpu['loaded'] else 'off'} ({gpu['reason']})"
+        )
+    else:
+        print(
+            f"fused kernels: {'on' if kernels['enabled'] and kernels['loaded'] else 'off'} "
+            f"({kernels['reason']})"
+        )
     print(
         "times are medians; '±' is half the inter-quartile range; GB/s counts the minimal traffic "
-        "(fwd+bwd: 5 tensor passes, residual add: 8); %copy is that bandwidth over the same-run copy_; "
+        "(fwd: 2 passes, fwd+bwd: 5, residual add: 4 and 8); %copy is that bandwidth over the same-run "
+        "copy_ (fwd %copy: the forward's); "
         "t/torch and t/paper are time ratios (< 1 is faster); 'plain' is the layer with the kernels off\n"
     )
     print(report["_table"])
@@ -106,7 +120,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threads", default="", help="comma-separated thread counts (default: torch's current)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per case (default 15)")
     p.add_argument(
-        "--tokens", type=int, default=8192, help="rows B*T of the transformer shape (default 8192)"
+        "--tokens",
+        type=int,
+        default=None,
+        help="rows B*T of the transformer shape (default 8192 on CPU, 65536 on CUDA)",
+    )
+    p.add_argument("--device", choices=bench.DEVICES, default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile of the paper's code (on by default with --device cuda)",
     )
     p.add_argument("--width", type=int, default=768, help="features C, divisible by 32 (default 768)")
     p.add_argument("--e2e-steps", type=int, default=10, help="timed GPT training steps per norm (default 10)")
