@@ -18,7 +18,7 @@ DEMO_JOBS   ?= 2
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.normlab-installed
 
-.PHONY: install data test lint format demo clean
+.PHONY: install data test lint format demo clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,18 @@ demo: install data
 	$(VENV)/bin/normlab list
 	$(VENV)/bin/normlab smoke
 	$(VENV)/bin/normlab study quick --out runs/quick --resume --jobs $(DEMO_JOBS) --no-progress
+
+# On a GPU machine whose Python already holds CUDA torch and Triton (no downloads, no venv): the
+# Triton kernels' tests on the GPU, then the GPU benchmark (table, bench.json, bench.png).
+GPU_PY  ?= python3
+GPU_OUT ?= normlab-bench-gpu
+GPU_TESTS := tests/test_gpu_pointwise.py tests/test_gpu_rownorm.py tests/test_gpu_groupnorm.py \
+	tests/test_gpu_batchnorm.py tests/test_gpu_autograd.py tests/test_gpu_layers.py tests/test_bench.py
+
+gpu-check:
+	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(GPU_PY) -m pytest -q -p no:cacheprovider $(GPU_TESTS)
+	$(GPU_PY) -c "from normlab.cli import main; raise SystemExit(main(['bench', '--device', 'cuda', '--out', '$(GPU_OUT)']))"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
