@@ -70,7 +70,8 @@ demo: install data
 GPU_PY  ?= python3
 GPU_OUT ?= normlab-bench-gpu
 GPU_TESTS := tests/test_gpu_pointwise.py tests/test_gpu_rownorm.py tests/test_gpu_groupnorm.py \
-	tests/test_gpu_batchnorm.py tests/test_gpu_autograd.py tests/test_gpu_layers.py tests/test_bench.py
+	tests/test_gpu_batchnorm.py tests/test_gpu_autograd.py tests/test_gpu_compile.py tests/test_gpu_layers.py \
+	tests/test_bench.py
 
 gpu-check:
 	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
