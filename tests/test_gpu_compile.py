@@ -29,7 +29,7 @@ def _kernels() -> set[str]:
     names = set()
     for path in Path(gpu.__file__).parent.glob("*.py"):
         source = path.read_text()
-        names |= set(re.findall(r"^@(?:_jit|triton\.jit)\b[^\n]*\ndef (_\w+_kernel)\(", source, flags=re.M))
+        names |= set(re.findall(r"^@jit\n(?:#[^\n]*\n)*def (_\w+_kernel)\(", source, flags=re.M))
     return names
 
 

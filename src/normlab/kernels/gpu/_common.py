@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 from torch import Tensor
 
 from normlab.kernels._ops import acc_dtype
+
+# ``triton.jit``, typed so that mypy accepts the decorated kernels (Triton ships no type
+# information; the kernels are untyped objects). An alias, not a wrapper: ``triton.jit`` reads
+# ``TRITON_INTERPRET`` when each kernel is defined.
+jit: Callable[[Callable[..., Any]], Any] = triton.jit
 
 # One program holds a whole row in registers up to this many elements (fp32: 64 KiB of registers
 # spread over its warps); longer rows loop over blocks of this size.
@@ -28,4 +36,4 @@ def acc_empty(n: int, like: Tensor) -> Tensor:
     return torch.empty((n,), dtype=acc_dtype(like.dtype), device=like.device)
 
 
-__all__ = ["MAX_FUSED_BLOCK", "acc_dtype", "acc_empty", "block_for", "warps_for"]
+__all__ = ["MAX_FUSED_BLOCK", "acc_dtype", "acc_empty", "block_for", "jit", "warps_for"]

@@ -48,7 +48,7 @@ import triton as _triton
 import triton.language as _tl
 from torch import Tensor
 
-from normlab.kernels.gpu._common import acc_dtype
+from normlab.kernels.gpu._common import acc_dtype, jit
 
 # triton is untyped: reach it through Any.
 triton: Any = _triton
@@ -67,7 +67,7 @@ MAX_CONTIGUOUS = 1024
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@jit
 def _partials_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     dy_ptr,
@@ -148,7 +148,7 @@ def _partials_kernel(  # type: ignore[no-untyped-def]
         tl.store(out + 4 * plane, tl.sum(g2, axis=0), mask=cm)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@jit
 def _apply_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     dy_ptr,

@@ -46,15 +46,13 @@ GPU design (both ops are memory-bound: a few flops per element against 4 to 6 by
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from normlab.kernels.gpu._common import acc_dtype
+from normlab.kernels.gpu._common import acc_dtype, jit
 
 # Elements per forward tile (one tile per program) and per backward tile (looped over).
 FWD_TILE = 4096
@@ -69,18 +67,15 @@ _CPU_PROGRAMS = 4
 # (a global read by a kernel must be a constexpr)
 _TWO_OVER_SQRT_PI = tl.constexpr(1.1283791670955126)
 
-# typed so that mypy accepts the decorated kernels (triton ships no type information)
-_jit: Callable[[Callable[..., Any]], Any] = triton.jit
 
-
-@_jit
+@jit
 def _tanh(u):  # type: ignore[no-untyped-def]
     t = tl.exp(-2.0 * tl.abs(u))
     r = (1.0 - t) / (1.0 + t)
     return tl.where(u < 0, -r, r)
 
 
-@_jit
+@jit
 def _act(x, alpha, shift, IS_ERF: tl.constexpr):  # type: ignore[no-untyped-def]
     if IS_ERF:
         return tl.erf(alpha * x + shift)
@@ -88,7 +83,7 @@ def _act(x, alpha, shift, IS_ERF: tl.constexpr):  # type: ignore[no-untyped-def]
         return _tanh(alpha * x)
 
 
-@_jit
+@jit
 def _act_grad(x, alpha, shift, IS_ERF: tl.constexpr):  # type: ignore[no-untyped-def]
     # f(u) and f'(u) for u = alpha * x (+ shift)
     if IS_ERF:
@@ -99,7 +94,7 @@ def _act_grad(x, alpha, shift, IS_ERF: tl.constexpr):  # type: ignore[no-untyped
         return f, 1.0 - f * f
 
 
-@_jit
+@jit
 def _fwd_last_kernel(  # type: ignore[no-untyped-def]
     X,
     Y,
@@ -137,7 +132,7 @@ def _fwd_last_kernel(  # type: ignore[no-untyped-def]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _fwd_first_kernel(  # type: ignore[no-untyped-def]
     X,
     Y,
@@ -179,7 +174,7 @@ def _fwd_first_kernel(  # type: ignore[no-untyped-def]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _bwd_last_kernel(  # type: ignore[no-untyped-def]
     G,
     X,
@@ -236,7 +231,7 @@ def _bwd_last_kernel(  # type: ignore[no-untyped-def]
     tl.store(PS + slot + 1, tl.sum(tl.sum(acc_s, axis=1), axis=0))
 
 
-@_jit
+@jit
 def _bwd_first_kernel(  # type: ignore[no-untyped-def]
     G,
     X,

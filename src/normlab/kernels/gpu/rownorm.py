@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,13 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from normlab.kernels.gpu import _common
-from normlab.kernels.gpu._common import acc_dtype, block_for, warps_for
-
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    """``triton.jit``, typed for mypy: the kernels are untyped (``Any``) objects."""
-    return triton.jit(fn)
-
+from normlab.kernels.gpu._common import acc_dtype, block_for, jit, warps_for
 
 # Elements a program holds per tile: short rows are packed into tiles this large so that each
 # program moves enough bytes to hide the memory latency.
@@ -71,7 +64,7 @@ _CF_FUSED = 8192
 _BWD_FUSED = 8192
 
 
-@_jit
+@jit
 def _rstd(stat, eps, eps_lo, layer: tl.constexpr, eps_inside: tl.constexpr):  # type: ignore[no-untyped-def]
     # stat: the variance (LayerNorm) or mean(x²) (RMSNorm). Float arguments are fp32: eps comes as
     # eps + eps_lo, exact enough for fp64.
@@ -82,7 +75,7 @@ def _rstd(stat, eps, eps_lo, layer: tl.constexpr, eps_inside: tl.constexpr):  # 
     return r
 
 
-@_jit
+@jit
 def _load_h(x_ptr, res_ptr, offs, mask, has_res: tl.constexpr, acc: tl.constexpr):  # type: ignore[no-untyped-def]
     # The norm's input in the accumulation dtype: x, or x + residual rounded to x's dtype first.
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
@@ -92,7 +85,7 @@ def _load_h(x_ptr, res_ptr, offs, mask, has_res: tl.constexpr, acc: tl.constexpr
     return v
 
 
-@_jit
+@jit
 def _rms_proj(sgx, ms, rstd, eps_inside: tl.constexpr):  # type: ignore[no-untyped-def]
     # c2 of dx = rstd * (g - xn * c2), from mean(g * x): d rstd / dx is -x rstd³ / n (eps inside)
     # or -x rstd² / (n rms) (eps outside; 0 for a zero row, whose rms has no gradient).
@@ -107,7 +100,7 @@ def _rms_proj(sgx, ms, rstd, eps_inside: tl.constexpr):  # type: ignore[no-untyp
 # ---- rows --------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _rows_fwd_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     res_ptr,
@@ -194,7 +187,7 @@ def _rows_fwd_kernel(  # type: ignore[no-untyped-def]
             tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@_jit
+@jit
 def _rows_bwd_kernel(  # type: ignore[no-untyped-def]
     dy_ptr,
     x_ptr,
@@ -322,7 +315,7 @@ def _rows_bwd_kernel(  # type: ignore[no-untyped-def]
 # ---- channels first: (N, C, S) normalized over C ----------------------------------------------
 
 
-@_jit
+@jit
 def _cf_fwd_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     y_ptr,
@@ -402,7 +395,7 @@ def _cf_fwd_kernel(  # type: ignore[no-untyped-def]
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _cf_bwd_kernel(  # type: ignore[no-untyped-def]
     dy_ptr,
     x_ptr,
