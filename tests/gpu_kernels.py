@@ -11,8 +11,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import Tensor
 
 ON_GPU = torch.cuda.is_available()
+# Max error allowed, relative to max(1, max |reference|): the output's rounding plus fp32 sums.
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+DTYPES = list(TOL)
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
@@ -22,3 +26,11 @@ def load(name: str) -> ModuleType:
         pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does)")
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     return importlib.import_module(f"normlab.kernels.gpu.{name}")
+
+
+def close(out: Tensor, ref: Tensor, tol: float, what: str) -> None:
+    """``max |out - ref| <= tol * max(1, max |ref|)``, ``ref`` in fp64 (an empty pair passes)."""
+    assert out.shape == ref.shape, what
+    err = (out.double().cpu() - ref.cpu()).abs().max().item() if ref.numel() else 0.0
+    bound = tol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"

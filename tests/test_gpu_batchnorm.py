@@ -11,22 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpu_kernels import DEVICE, load
+from gpu_kernels import DEVICE, DTYPES, TOL, load
+from gpu_kernels import close as _close
 
 bn = load("batchnorm")
 gn = load("groupnorm")  # the kernels and their tile sizes live there
 
 EPS = 1e-5
-# Max error allowed, relative to max(1, max |reference|): the output's rounding plus fp32 sums.
-TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
-DTYPES = list(TOL)
-
-
-def _close(out: Tensor, ref: Tensor, tol: float, what: str) -> None:
-    assert out.shape == ref.shape, what
-    err = (out.double().cpu() - ref.cpu()).abs().max().item() if ref.numel() else 0.0
-    bound = tol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
 def _reference(
