@@ -218,8 +218,9 @@ def batch_norm_train(
     other layouts, and planes of fewer than 48 positions, take the plain path: the kernel sums
     each (sample, channel) plane as a run of vectors, and below 7x7 maps the runs' tails and
     per-run sums made it up to 2.3x slower than torch's (measured 5x5: 1.2-1.3x, 3x3: 2.3x).
-    CUDA tensors keep torch's cuDNN kernel, already one fused pass each way: the Triton op is
-    registered (``normlab bench`` times it) but not chosen until it measures faster."""
+    CUDA tensors keep torch's cuDNN kernel: the Triton op is registered
+    (``torch.ops.normlab.batch_norm_train`` on CUDA) but the layer does not choose it before a
+    GPU measurement shows it faster."""
     if x.device.type != "cpu":
         return None
     if x.dim() < 3 or not x.is_contiguous() or not usable(x, weight, bias):
