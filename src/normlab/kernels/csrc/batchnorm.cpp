@@ -85,15 +85,6 @@ inline void run_sums(const T* xr, const T* dyr, int64_t n, acc_t<T> k, double* o
   }
 }
 
-// Prefetch the cache line of p + i when i starts one (i a multiple of the vector width).
-template <typename T>
-inline void prefetch_at(const T* p, int64_t i) {
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
-  if (p != nullptr && i % kLine == 0) {
-    __builtin_prefetch(p + i, 0, 3);
-  }
-}
-
 // Channel c's N runs: x + (n * C + c) * S.
 template <typename T>
 inline const T* run_ptr(const T* base, int64_t n, int64_t c, int64_t C, int64_t S) {
@@ -148,15 +139,7 @@ void forward(const T* x, T* y, int64_t N, int64_t C, int64_t S, const acc_t<T>* 
       for (int64_t n = 0; n < N; ++n) {
         const T* xr = run_ptr(x, n, c, C, S);
         const T* pf = c + 1 < end ? run_ptr(x, n, c + 1, C, S) : nullptr;
-        T* yr = y + (n * C + c) * S;
-        int64_t i = 0;
-        for (; i + L <= S; i += L) {
-          prefetch_at(pf, i);
-          st(yr + i, at::vec::fmadd(vload(xr + i) - mv, sv, bv), L, stream);
-        }
-        if (i < S) {
-          vstore_n(yr + i, at::vec::fmadd(vload_n(xr + i, S - i) - mv, sv, bv), S - i);
-        }
+        affine_run(xr, y + (n * C + c) * S, S, mv, sv, bv, stream, pf);
       }
     }
     if (stream) {

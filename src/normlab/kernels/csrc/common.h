@@ -185,6 +185,33 @@ inline void st(T* p, const Vectorized<acc_t<T>>& v, int64_t n, bool stream = fal
   }
 }
 
+// Prefetch the cache line of p + i when i starts one (i a multiple of the vector width; p may be
+// null: nothing to fetch).
+template <typename T>
+inline void prefetch_at(const T* p, int64_t i) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  if (p != nullptr && i % kLine == 0) {
+    __builtin_prefetch(p + i, 0, 3);
+  }
+}
+
+// y = (x - m) * s + b over a run of n values, the normalize-and-affine write of GroupNorm and
+// BatchNorm: whole vectors, then the tail. `pf`, where given, is prefetched alongside (BatchNorm
+// fetches the next channel's run while it writes this one).
+template <typename T>
+inline void affine_run(const T* x, T* y, int64_t n, const Vectorized<acc_t<T>>& m, const Vectorized<acc_t<T>>& s,
+                       const Vectorized<acc_t<T>>& b, bool stream, const T* pf = nullptr) {
+  constexpr int64_t L = lanes<T>();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    prefetch_at(pf, i);
+    st(y + i, at::vec::fmadd(vload(x + i) - m, s, b), L, stream);
+  }
+  if (i < n) {
+    vstore_n(y + i, at::vec::fmadd(vload_n(x + i, n - i) - m, s, b), n - i);
+  }
+}
+
 // Keep the first n lanes of v, zero the others (masks the padded lanes of a tail in a reduction).
 template <typename A>
 inline Vectorized<A> first_n(const Vectorized<A>& v, int64_t n) {

@@ -72,7 +72,6 @@ template <typename T>
 void forward_cf(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t G, const acc_t<T>* w,
                 const acc_t<T>* b, double eps) {
   using A = acc_t<T>;
-  constexpr int64_t L = lanes<T>();
   const int64_t cg = C / G;
   const int64_t grain = std::max<int64_t>(1, 16384 / (cg * S));
   const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= stream_threshold();
@@ -93,15 +92,7 @@ void forward_cf(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t G, co
         const int64_t ch = g * cg + c;
         const V<T> sv(static_cast<A>(rstd * static_cast<double>(w[ch])));
         const V<T> bv(b[ch]);
-        const T* xr = xc + c * S;
-        T* yr = yc + c * S;
-        int64_t i = 0;
-        for (; i + L <= S; i += L) {
-          st(yr + i, at::vec::fmadd(vload(xr + i) - mv, sv, bv), L, stream);
-        }
-        if (i < S) {
-          vstore_n(yr + i, at::vec::fmadd(vload_n(xr + i, S - i) - mv, sv, bv), S - i);
-        }
+        affine_run(xc + c * S, yc + c * S, S, mv, sv, bv, stream);
       }
     }
     if (stream) {
