@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -34,3 +35,13 @@ def close(out: Tensor, ref: Tensor, tol: float, what: str) -> None:
     err = (out.double().cpu() - ref.cpu()).abs().max().item() if ref.numel() else 0.0
     bound = tol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def cpp_ops() -> Any:
+    """``torch.ops.normlab`` with the C++ CPU kernels built (about a minute the first time, then
+    cached), to compare the Triton kernels with; skips the test where they cannot be built."""
+    import normlab.kernels as K
+
+    if not K.build():
+        pytest.skip(f"normlab kernels unavailable: {K.status()['reason']}")
+    return torch.ops.normlab

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from normlab import functional as NF
 
-from gpu_kernels import DEVICE, load
+from gpu_kernels import DEVICE, cpp_ops, load
 
 P: ModuleType = load("pointwise")
 
@@ -292,10 +292,7 @@ def test_bad_arguments_raise() -> None:
 def cpu_ops() -> None:
     if DEVICE.type != "cpu":
         pytest.skip("the C++ ops take CPU tensors; this runs where Triton interprets on the CPU")
-    import normlab.kernels as K
-
-    if not K.build():
-        pytest.skip(f"normlab kernels unavailable: {K.status()['reason']}")
+    cpp_ops()
 
 
 @pytest.mark.usefixtures("cpu_ops")
