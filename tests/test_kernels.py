@@ -96,6 +96,12 @@ CONFIGS: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     ("layernorm", {"channels_first": True}, (2, 24, 300)),  # positions: one block of 256 and a tail
     ("rmsnorm", {"channels_first": True, "bias": True}, (2, 24, 7)),
     ("rmsnorm", {"channels_first": True, "eps_mode": "outside"}, (3, 24, 5, 2)),
+    # widths off the kernels' step sizes: DyT/Derf take 4 vectors per step, then single vectors,
+    # then a tail; channels-first row norms sum 4 channels (backward: 2) per sweep, then single ones
+    ("dyt", {"num_features": 75}, (3, 5, 75)),
+    ("derf", {"num_features": 5, "channels_first": True}, (2, 5, 9, 9)),
+    ("layernorm", {"num_features": 7, "channels_first": True}, (2, 7, 5, 3)),
+    ("rmsnorm", {"num_features": 3, "channels_first": True}, (2, 3, 11)),
     ("lns", {"layer_idx": 3}, (4, 7, 24)),
     ("lns", {"layer_idx": 2, "base": "rmsnorm"}, (4, 7, 24)),
     ("lns", {"layer_idx": 5, "elementwise_affine": False}, (4, 7, 24)),
@@ -116,7 +122,9 @@ def config_id(config: tuple[str, dict[str, Any], tuple[int, ...]]) -> str:
 
 def make(config: tuple[str, dict[str, Any], tuple[int, ...]], dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
     name, kwargs, shape = config
-    module = randomize_params(normlab.create_norm(name, 24, **kwargs)).to(dtype)
+    kwargs = dict(kwargs)
+    features = kwargs.pop("num_features", 24)
+    module = randomize_params(normlab.create_norm(name, features, **kwargs)).to(dtype)
     g = torch.Generator().manual_seed(len(shape))
     x = ((torch.randn(shape, generator=g, dtype=torch.float64) + 0.3) * 2).to(dtype)
     return module, x
