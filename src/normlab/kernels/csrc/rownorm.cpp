@@ -261,14 +261,20 @@ void backward_rows(
 // ---- channels first: normalize over dimension 1 of a contiguous (N, C, S) ------------------------
 //
 // ConvNeXt's LayerNorm2d and channels-first RMSNorm without the permute copies: a task is one
-// sample and a block of positions; the per-position sums are accumulated channel by channel in
-// block-long arrays (so memory is read in long contiguous runs, which the prefetchers follow),
+// sample and a block of positions; the per-position sums are accumulated a few channels at a time
+// in block-long arrays (so memory is read in long contiguous runs, which the prefetchers follow),
 // then the block is swept again to write. Blocks are as long as the parallelism allows (a whole
 // sample when there are 2 samples per thread), up to 4096 positions.
 inline int64_t cf_block(int64_t N, int64_t S, int64_t lanes_) {
   const int64_t split = std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N);
   return std::min<int64_t>(round_up(std::max<int64_t>((S + split - 1) / split, 1), lanes_), 4096);
 }
+
+// Channels per sweep of the per-position sums: 4 forward, 2 backward (4 spill registers there on
+// AVX2, with dy's sums as well).
+constexpr int64_t kCfGroup = 4;
+constexpr int64_t kCfGradGroup = 2;
+
 // The per-position sums of channels [c, c + G) of a block: d = x - k, s1 += sum d, s2 += sum d^2
 // over the G channels. Taking G channel runs per sweep of the block-long sums makes their loads
 // and stores cost 1/G per element (one channel per sweep spent more time on them than on x).
@@ -357,8 +363,8 @@ void forward_cf_rows(const T* x, T* y, int64_t N, int64_t C, int64_t S, const ac
         Vec(A(0)).store(s2 + i);
       }
       int64_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        cf_sums<4>(xb + c * S, S, B, k, s1, s2);
+      for (; c + kCfGroup <= C; c += kCfGroup) {
+        cf_sums<kCfGroup>(xb + c * S, S, B, k, s1, s2);
       }
       for (; c < C; ++c) {
         cf_sums<1>(xb + c * S, S, B, k, s1, s2);
@@ -394,9 +400,6 @@ void forward_cf_rows(const T* x, T* y, int64_t N, int64_t C, int64_t S, const ac
     }
   });
 }
-
-// Channels per sweep in the channels-first backward (4 spills registers on AVX2).
-constexpr int64_t kGroup = 2;
 
 template <typename T, bool kLayer>
 void backward_cf_rows(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, const acc_t<T>* w,
@@ -438,8 +441,8 @@ void backward_cf_rows(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int6
         }
       }
       int64_t c = 0;
-      for (; c + kGroup <= C; c += kGroup) {
-        cf_grad_sums<kGroup>(x + off + c * S, dy + off + c * S, w + c, S, B, k, s1, s2, g1, g2);
+      for (; c + kCfGradGroup <= C; c += kCfGradGroup) {
+        cf_grad_sums<kCfGradGroup>(x + off + c * S, dy + off + c * S, w + c, S, B, k, s1, s2, g1, g2);
       }
       for (; c < C; ++c) {
         cf_grad_sums<1>(x + off + c * S, dy + off + c * S, w + c, S, B, k, s1, s2, g1, g2);
