@@ -154,7 +154,6 @@ template <typename T>
 void backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, const acc_t<T>* w,
               const acc_t<T>* mean, const acc_t<T>* var, double eps, acc_t<T>* dw, acc_t<T>* db) {
   using A = acc_t<T>;
-  constexpr int64_t L = lanes<T>();
   const double count = static_cast<double>(N * S);
   const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= stream_threshold();
   at::parallel_for(0, C, channel_grain(N, S), [&](int64_t begin, int64_t end) {
@@ -192,13 +191,7 @@ void backward(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, c
           const V<T> d = ld(xr + i, m) - mv;
           st(dxr + i, at::vec::fmadd(ld(dyr + i, m), av, at::vec::fmadd(d, bv, cv)), m, stream);
         };
-        int64_t i = 0;
-        for (; i + L <= S; i += L) {
-          body(i, L);
-        }
-        if (i < S) {
-          body(i, S - i);
-        }
+        each_vector<T>(S, body);
       }
     }
     if (stream) {

@@ -185,6 +185,20 @@ inline void st(T* p, const Vectorized<acc_t<T>>& v, int64_t n, bool stream = fal
   }
 }
 
+// body(i, lanes) for each whole vector of a run of n values, then body(i, n - i) for its tail
+// (the loop of every kernel whose body handles both through ld/st).
+template <typename T, typename F>
+inline void each_vector(int64_t n, F&& body) {
+  constexpr int64_t L = lanes<T>();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    body(i, L);
+  }
+  if (i < n) {
+    body(i, n - i);
+  }
+}
+
 // Prefetch the cache line of p + i when i starts one (i a multiple of the vector width; p may be
 // null: nothing to fetch).
 template <typename T>

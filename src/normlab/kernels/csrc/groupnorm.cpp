@@ -108,7 +108,6 @@ template <typename T>
 void backward_cf(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, int64_t G,
                  const acc_t<T>* w, double eps, acc_t<T>* dw, acc_t<T>* db) {
   using A = acc_t<T>;
-  constexpr int64_t L = lanes<T>();
   const int64_t cg = C / G;
   std::vector<double> sdy(static_cast<size_t>(N * C)), sdyx(static_cast<size_t>(N * C));
   const int64_t grain = std::max<int64_t>(1, 8192 / (cg * S));
@@ -154,13 +153,7 @@ void backward_cf(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S
           const V<T> xn = (ld(xr + i, m) - mv) * rv;
           st(dxr + i, rv * (ld(dyr + i, m) * wv - c1v - xn * c2v), m, stream);
         };
-        int64_t i = 0;
-        for (; i + L <= S; i += L) {
-          body(i, L);
-        }
-        if (i < S) {
-          body(i, S - i);
-        }
+        each_vector<T>(S, body);
       }
     }
     if (stream) {
@@ -209,13 +202,7 @@ void shifted_sums(const T* xs, const T* dys, int64_t begin, int64_t end, int64_t
           at::vec::fmadd(g, d, V<T>::loadu(blk + 3 * Cp + i)).store(blk + 3 * Cp + i);
         }
       };
-      int64_t i = 0;
-      for (; i + L <= C; i += L) {
-        body(i, L);
-      }
-      if (i < C) {
-        body(i, C - i);
-      }
+      each_vector<T>(C, body);
     }
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t c = 0; c < C; ++c) {
@@ -282,7 +269,6 @@ std::vector<acc_t<T>> row0_shift(const T* xs, int64_t C) {
 template <typename T, bool kGrad>
 void sample_write(const T* xs, const T* dys, T* out, int64_t S, int64_t C, const acc_t<T>* mean_c,
                   const acc_t<T>* coef_a, const acc_t<T>* coef_b, const acc_t<T>* coef_c, bool stream) {
-  constexpr int64_t L = lanes<T>();
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
   at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -296,13 +282,7 @@ void sample_write(const T* xs, const T* dys, T* out, int64_t S, int64_t C, const
         }
         st(outr + i, v, m, stream);
       };
-      int64_t i = 0;
-      for (; i + L <= C; i += L) {
-        body(i, L);
-      }
-      if (i < C) {
-        body(i, C - i);
-      }
+      each_vector<T>(C, body);
     }
     if (stream) {
       stream_fence();

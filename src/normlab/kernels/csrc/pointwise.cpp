@@ -176,13 +176,7 @@ void backward_kernel(
           acc_b.store(pb + i);
           st(dxr + i, d, m, stream);
         };
-        int64_t i = 0;
-        for (; i + L <= C; i += L) {
-          body(i, L);
-        }
-        if (i < C) {
-          body(i, C - i);
-        }
+        each_vector<T>(C, body);
       }
       part_s[slot * 2] += hsum(acc_a);
       part_s[slot * 2 + 1] += hsum(acc_s);

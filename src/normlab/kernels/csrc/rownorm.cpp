@@ -141,13 +141,7 @@ void forward_rows(
         const V<T> xn = kLayer ? (xv - mv) * rv : xv * rv;
         st(yr + i, at::vec::fmadd(xn, V<T>::loadu(w + i), V<T>::loadu(b + i)), m, stream);
       };
-      int64_t i = 0;
-      for (; i + L <= n; i += L) {
-        body(i, L);
-      }
-      if (i < n) {
-        body(i, n - i);
-      }
+      each_vector<T>(n, body);
     }
     if (stream) {
       stream_fence();
@@ -200,13 +194,7 @@ void backward_rows(
           ss = at::vec::fmadd(xv, xv, ss);
           sgx = at::vec::fmadd(ld(dyr + i, m) * V<T>::loadu(w + i), xv, sgx);  // padded lanes: x = 0
         };
-        int64_t i = 0;
-        for (; i + L <= n; i += L) {
-          sums(i, L);
-        }
-        if (i < n) {
-          sums(i, n - i);
-        }
+        each_vector<T>(n, sums);
         const double ms = hsum(ss) * inv_n;
         const double rms = std::sqrt(ms);
         rstd = eps_inside ? 1.0 / std::sqrt(ms + eps) : 1.0 / (rms + eps);
@@ -235,13 +223,7 @@ void backward_rows(
         at::vec::fmadd(dyv, xn, V<T>::loadu(pw + j)).store(pw + j);
         (V<T>::loadu(pb + j) + dyv).store(pb + j);
       };
-      int64_t j = 0;
-      for (; j + L <= n; j += L) {
-        body(j, L);
-      }
-      if (j < n) {
-        body(j, n - j);
-      }
+      each_vector<T>(n, body);
     }
     if (stream) {
       stream_fence();
