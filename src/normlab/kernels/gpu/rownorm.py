@@ -97,6 +97,28 @@ def _rms_proj(sgx, ms, rstd, eps_inside: tl.constexpr):  # type: ignore[no-untyp
     return c2
 
 
+@jit
+def _grad_coefs(s1, s2, g1, g2, k, n, eps, eps_lo, layer: tl.constexpr, eps_inside: tl.constexpr):  # type: ignore[no-untyped-def]
+    # (mean, rstd, c1, c2) of dx = rstd * (g - c1 - xn * c2), from the sums over n values (a row,
+    # or each position's channels) that the looping backward kernels take in one pass:
+    # s1 = sum(x - k), s2 = sum((x - k)²), g1 = sum(g), g2 = sum(g * (x - k)). RMSNorm sums
+    # unshifted (k = 0, so s2 = sum(x²) and g2 = sum(g * x)) and has no c1: its mean and c1 are k.
+    if layer:
+        dm = s1 / n
+        rstd = _rstd(tl.maximum(s2 / n - dm * dm, 0.0), eps, eps_lo, layer, eps_inside)
+        mean = k + dm
+        c1 = g1 / n
+        # sum(g * xn) = rstd * (sum(g * (x - k)) - (mean - k) * sum(g))
+        c2 = rstd * (g2 - dm * g1) / n
+    else:
+        ms = s2 / n
+        rstd = _rstd(ms, eps, eps_lo, layer, eps_inside)
+        mean = k
+        c1 = k
+        c2 = _rms_proj(g2 / n, ms, rstd, eps_inside)
+    return mean, rstd, c1, c2
+
+
 # ---- rows --------------------------------------------------------------------------------------
 
 
@@ -276,22 +298,10 @@ def _rows_bwd_kernel(  # type: ignore[no-untyped-def]
                 s2 += d * d
                 g1 += g
                 g2 += g * d
-            mean = 0.0
-            c1 = 0.0
-            if layer:
-                dm = tl.sum(s1, axis=0) / n
-                rstd = _rstd(
-                    tl.maximum(tl.sum(s2, axis=0) / n - dm * dm, 0.0), eps, eps_lo, layer, eps_inside
-                )
-                mean = k + dm
-                sg = tl.sum(g1, axis=0)
-                c1 = sg / n
-                # sum(g * xn) = rstd * (sum(g * (x - k)) - (mean - k) * sum(g))
-                c2 = rstd * (tl.sum(g2, axis=0) - dm * sg) / n
-            else:
-                ms = tl.sum(s2, axis=0) / n
-                rstd = _rstd(ms, eps, eps_lo, layer, eps_inside)
-                c2 = _rms_proj(tl.sum(g2, axis=0) / n, ms, rstd, eps_inside)
+            mean, rstd, c1, c2 = _grad_coefs(
+                tl.sum(s1, axis=0), tl.sum(s2, axis=0), tl.sum(g1, axis=0), tl.sum(g2, axis=0), k, n,
+                eps, eps_lo, layer, eps_inside,
+            )  # fmt: skip
             for start in range(0, n, block):
                 offs = start + cols
                 m = offs < n
@@ -485,21 +495,10 @@ def _cf_bwd_kernel(  # type: ignore[no-untyped-def]
                 s2 += d * d
                 g1 += g
                 g2 += g * d
-            mean = tl.zeros([block_s], dtype=acc)
-            c1 = tl.zeros([block_s], dtype=acc)
-            if layer:
-                dm = tl.sum(s1, axis=0) / c
-                rstd = _rstd(
-                    tl.maximum(tl.sum(s2, axis=0) / c - dm * dm, 0.0), eps, eps_lo, layer, eps_inside
-                )
-                mean = k + dm
-                sg = tl.sum(g1, axis=0)
-                c1 = sg / c
-                c2 = rstd * (tl.sum(g2, axis=0) - dm * sg) / c
-            else:
-                ms = tl.sum(s2, axis=0) / c
-                rstd = _rstd(ms, eps, eps_lo, layer, eps_inside)
-                c2 = _rms_proj(tl.sum(g2, axis=0) / c, ms, rstd, eps_inside)
+            mean, rstd, c1, c2 = _grad_coefs(
+                tl.sum(s1, axis=0), tl.sum(s2, axis=0), tl.sum(g1, axis=0), tl.sum(g2, axis=0), k, c,
+                eps, eps_lo, layer, eps_inside,
+            )  # fmt: skip
             for c0 in range(0, c, block_c):
                 cc = c0 + ch
                 cm = cc < c
