@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics import diagnose, lm_inputs
-from normlab.diagnostics.hooks import unwrap
 from normlab.modelspec import model_from_spec
+from normlab.structure import unwrap
 
 __all__ = ["add_parser", "cmd_diagnose", "load_tokens", "model_limits"]
 

@@ -4,37 +4,46 @@ Dtype policy, the same for every function here: reductions and transcendental fu
 in fp32 when the input is fp16 or bf16 (fp64 stays fp64), and the result has the input dtype.
 
 Each norm function takes normlab's fused kernel (:mod:`normlab.kernels`) when it applies and the
-kernels are on, else its plain-torch definition, kept as ``*_torch`` (the reference the kernels
-are tested against, and their double-backward path).
+kernels are on, else its plain-torch definition ``*_torch`` from :mod:`normlab._reference` (the
+reference the kernels are tested against, and their double-backward path), re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab._reference import (
+    batch_norm_train_torch,
+    channel_view,
+    compute_dtype,
+    derf_torch,
+    dyt_torch,
+    layer_norm_torch,
+    rms_norm_torch,
+)
 from normlab.kernels import _dispatch as _kernels
 
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half-precision inputs, else the input dtype: statistics never run in fp16/bf16."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def channel_view(p: Tensor, x: Tensor, channel_dim: int) -> Tensor:
-    """``p`` of shape ``(C,)`` viewed to broadcast against ``x`` along ``channel_dim`` (1 or -1)."""
-    if channel_dim == -1:
-        return p
-    return p.view(-1, *([1] * (x.dim() - 2)))
-
-
-def _compute(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
-    dtype = compute_dtype(x)
-    return tuple(p if p is None else p.to(dtype) for p in (x, *params))  # type: ignore[misc]
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "batch_norm_train",
+    "batch_norm_train_torch",
+    "channel_view",
+    "compute_dtype",
+    "derf",
+    "derf_torch",
+    "dyt",
+    "dyt_torch",
+    "group_norm",
+    "layer_norm",
+    "layer_norm_torch",
+    "rms_norm",
+    "rms_norm_torch",
+]
 
 
 def layer_norm(
@@ -52,23 +61,6 @@ def layer_norm(
     if y is not None:
         return y
     return layer_norm_torch(x, normalized_shape, weight, bias, eps)
-
-
-def layer_norm_torch(
-    x: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
-    """LayerNorm in plain torch: torch's fused kernel, except when the parameters are wider than the
-    input (bf16/fp16 activations through fp32 parameters): torch's mixed-dtype kernel then returns
-    weight and bias grads of bf16 quality (1e-2 relative), so the input is upcast to the parameters'
-    dtype.
-    """
-    if weight is not None and weight.element_size() > x.element_size():
-        return F.layer_norm(x.to(weight.dtype), normalized_shape, weight, bias, eps).to(x.dtype)
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 def rms_norm(
@@ -99,52 +91,6 @@ def rms_norm(
     return rms_norm_torch(x, normalized_shape, weight, bias, eps, eps_inside=eps_inside, p=p)
 
 
-def rms_norm_torch(
-    x: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float | None = 1e-6,
-    *,
-    eps_inside: bool = True,
-    p: float | None = None,
-) -> Tensor:
-    """RMSNorm in plain torch; the arguments of :func:`rms_norm`."""
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    xc, w, b = _compute(x, weight, bias)
-    k = len(normalized_shape)
-    dims = tuple(range(-k, 0))
-    sub, count = xc, math.prod(normalized_shape)
-    if p is not None:  # pRMSNorm: the RMS of the first int(d * p) features
-        count = max(int(count * p), 1)
-        sub = xc.flatten(-k)[..., :count].reshape(*xc.shape[: xc.dim() - k], count, *([1] * (k - 1)))
-    if eps_inside:
-        # x / sqrt(.) rather than x * rsqrt(.): rsqrt's backward forms (ms + eps)^-1.5, which
-        # underflows fp32 once mean(x²) > ~1e29 and drops the projection term of dx.
-        y = xc / torch.sqrt(sub.pow(2).mean(dim=dims, keepdim=True) + eps)
-    else:
-        # vector_norm, as the official code: its gradient at an all-zero row is 0, where
-        # sqrt(mean(x²))'s is inf * 0 = NaN.
-        rms = torch.linalg.vector_norm(sub, dim=dims, keepdim=True) * count**-0.5
-        y = xc / (rms + eps)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y.to(x.dtype)
-
-
-def _pointwise_affine(
-    u: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
-) -> Tensor:
-    if weight is not None:
-        u = u * channel_view(weight, x, channel_dim)
-    if bias is not None:
-        u = u + channel_view(bias, x, channel_dim)
-    return u.to(x.dtype)
-
-
 def dyt(
     x: Tensor,
     alpha: Tensor,
@@ -162,19 +108,6 @@ def dyt(
     if y is not None:
         return y
     return dyt_torch(x, alpha, weight, bias, channel_dim=channel_dim)
-
-
-def dyt_torch(
-    x: Tensor,
-    alpha: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    channel_dim: int = -1,
-) -> Tensor:
-    """DyT in plain torch, as the paper's code: ``weight * torch.tanh(alpha * x) + bias``."""
-    xc, a, w, b = _compute(x, alpha, weight, bias)
-    return _pointwise_affine(torch.tanh(a * xc), x, w, b, channel_dim)
 
 
 def derf(
@@ -195,20 +128,6 @@ def derf(
     if y is not None:
         return y
     return derf_torch(x, alpha, shift, weight, bias, channel_dim=channel_dim)
-
-
-def derf_torch(
-    x: Tensor,
-    alpha: Tensor,
-    shift: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    *,
-    channel_dim: int = -1,
-) -> Tensor:
-    """Derf in plain torch, as the official code: ``weight * torch.erf(alpha * x + shift) + bias``."""
-    xc, a, s, w, b = _compute(x, alpha, shift, weight, bias)
-    return _pointwise_affine(torch.erf(a * xc + s), x, w, b, channel_dim)
 
 
 def group_norm(
@@ -248,19 +167,6 @@ def batch_norm_train(
     if fused is not None:
         return fused
     return batch_norm_train_torch(x, weight, bias, eps)
-
-
-def batch_norm_train_torch(
-    x: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`batch_norm_train` in plain torch: ``F.batch_norm`` and a ``torch.var_mean`` pass."""
-    dims = [0, *range(2, x.dim())]
-    with torch.no_grad():
-        var, mean = torch.var_mean(x.detach().to(compute_dtype(x)), dim=dims, correction=0)
-    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), mean, var
 
 
 def add_layer_norm(

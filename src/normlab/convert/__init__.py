@@ -16,8 +16,9 @@ from normlab.convert.convert import ConversionReport, Replacement, Skipped, conv
 from normlab.convert.detect import NormInfo, UnsupportedNormError, read_norm
 from normlab.convert.dyt import fold_dyt
 from normlab.convert.lns import apply_layernorm_scaling, pre_norm_names, remove_layernorm_scaling
-from normlab.convert.select import compile_where, find_blocks
+from normlab.convert.select import compile_where
 from normlab.norms.cross_bn import convert_sync, revert_sync
+from normlab.structure import find_blocks
 
 __all__ = [
     "ConversionReport",

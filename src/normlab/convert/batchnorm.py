@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.convert.detect import EXTRA_BATCHNORMS, is_batchnorm
-from normlab.convert.select import Where, compile_where, find_blocks, occurrences
+from normlab.convert.select import Where, compile_where
 from normlab.norms.batch_norm import BatchNorm
 from normlab.norms.cross_bn import CrossBatchNorm
+from normlab.structure import find_blocks, occurrences
 
 __all__ = [
     "FoldReport",
@@ -108,7 +109,7 @@ def freeze_batchnorm(model: nn.Module, *, where: Where = None, affine: bool = Tr
     Returns:
         The qualified names of the modules frozen by this call.
     """
-    select = compile_where(where, find_blocks(model) if where is not None else None)
+    select = compile_where(where, find_blocks(model, required=False) if where is not None else None)
     frozen = []
     for occ in occurrences(model).values():
         m = occ.module
@@ -130,7 +131,7 @@ def freeze_batchnorm(model: nn.Module, *, where: Where = None, affine: bool = Tr
 def unfreeze_batchnorm(model: nn.Module, *, where: Where = None) -> list[str]:
     """Undo :func:`freeze_batchnorm`: the original classes, ``requires_grad`` flags, and the train/eval
     mode of ``model``. Returns the qualified names of the modules unfrozen."""
-    select = compile_where(where, find_blocks(model) if where is not None else None)
+    select = compile_where(where, find_blocks(model, required=False) if where is not None else None)
     thawed = []
     for occ in occurrences(model).values():
         m = occ.module
@@ -255,7 +256,7 @@ def fold_batchnorm(model: nn.Module, *, where: Where = None) -> FoldReport:
         ValueError: a selected BatchNorm in training mode or without running statistics,
             named; nothing is changed then.
     """
-    select = compile_where(where, find_blocks(model) if where is not None else None)
+    select = compile_where(where, find_blocks(model, required=False) if where is not None else None)
     occ_by_id = occurrences(model)
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

@@ -20,17 +20,11 @@ from torch import Tensor, nn
 
 from normlab.convert.detect import TOKEN_KINDS, NormInfo, UnsupportedNormError, read_norm
 from normlab.convert.lns import LNSScale
-from normlab.convert.select import (
-    BlockStack,
-    Occurrence,
-    Where,
-    compile_where,
-    find_blocks,
-    occurrences,
-)
+from normlab.convert.select import Where, compile_where
 from normlab.norms import NORMS
 from normlab.norms._base import NormMixin, NormSpec
 from normlab.norms.batchless import BatchlessNorm
+from normlab.structure import BlockStack, Occurrence, find_blocks, occurrences
 
 __all__ = ["ConversionReport", "Replacement", "Skipped", "convert_norms", "revert"]
 
@@ -575,7 +569,7 @@ def convert_norms(
     """
     target, cls = _resolve_target(to)
     spec: NormSpec = cls.spec  # type: ignore[attr-defined]
-    stack = find_blocks(model)
+    stack = find_blocks(model, required=False)
     select = compile_where(where, stack)
     report = ConversionReport(
         to=target, blocks=stack, dry_run=dry_run, recipe=_recipe(target, where, copy_affine, norm_kwargs)

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from normlab.blocks.pre import PreLNBlock
 from normlab.convert.batchnorm import FoldReport
-from normlab.convert.select import Where, compile_where, find_blocks, occurrences
+from normlab.convert.select import Where, compile_where
 from normlab.norms.dyt import DyT
+from normlab.structure import find_blocks, occurrences
 
 __all__ = ["fold_dyt"]
 
@@ -127,7 +128,7 @@ def fold_dyt(model: nn.Module, *, where: Where = None) -> FoldReport:
     or read by other modules, or one scaled by an LNS hook, is left alone and listed in
     ``refused`` with the reason. A DyT already without affine is not listed.
     """
-    select = compile_where(where, find_blocks(model) if where is not None else None)
+    select = compile_where(where, find_blocks(model, required=False) if where is not None else None)
     occ_by_id = occurrences(model)
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

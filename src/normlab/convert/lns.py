@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from normlab.blocks.lns import LNSBlock
 from normlab.blocks.pre import PreLNBlock
-from normlab.convert.select import find_blocks
 from normlab.norms.lns import LayerNormScaling
+from normlab.structure import find_blocks
 
 __all__ = ["LNSScale", "apply_layernorm_scaling", "pre_norm_names", "remove_layernorm_scaling"]
 
@@ -94,22 +94,21 @@ def apply_layernorm_scaling(model: nn.Module) -> dict[str, float]:
             a norm that already scales (``norm="lns"``), or a norm shared between blocks.
             Nothing is changed then.
     """
-    stack = find_blocks(model)
+    stack = find_blocks(model, required=False)
     if stack is None:
         raise ValueError(
             "apply_layernorm_scaling: no stack of blocks (a ModuleList of repeated blocks) found"
         )
-    container = model.get_submodule(stack.name) if stack.name else model
     plan: list[tuple[str, nn.Module, int]] = []
     seen: dict[int, str] = {}
-    for i, block in enumerate(m for m in container._modules.values() if m is not None):
+    for i, (block_name, block) in enumerate(stack):
         try:
             attrs = pre_norm_names(block)
         except ValueError as e:
-            raise ValueError(f"apply_layernorm_scaling: block {stack.name}.{i}: {e}") from None
+            raise ValueError(f"apply_layernorm_scaling: block {block_name}: {e}") from None
         for attr in attrs:
             norm = getattr(block, attr)
-            qname = f"{stack.name}.{i}.{attr}" if stack.name else f"{i}.{attr}"
+            qname = f"{block_name}.{attr}"
             if isinstance(norm, LayerNormScaling) and norm.layer_idx > 0:
                 raise ValueError(
                     f"apply_layernorm_scaling: {qname} is already an LNS norm (layer_idx={norm.layer_idx})"

@@ -1,8 +1,7 @@
-"""Finding modules inside a model: every place a module is held, block stacks and ``where`` selectors.
+"""``where=`` selectors: which modules of a model a conversion touches.
 
-A module can be held under several names (a shared module); swapping it must update every
-parent that holds it, or the model ends up with two diverging copies. ``named_modules()``
-lists a shared module once, so the walk here reads ``_modules`` itself.
+The block stack a depth selector (``"0-5"``, ``range(6)``) counts in, and the slots that hold
+each module, come from :mod:`normlab.structure`, which the diagnostics read too.
 """
 
 from __future__ import annotations
@@ -10,111 +9,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from torch import nn
 
-__all__ = [
-    "BlockStack",
-    "Occurrence",
-    "Where",
-    "compile_where",
-    "find_blocks",
-    "occurrences",
-    "replace_module",
-]
+from normlab.structure import BlockStack
 
-
-@dataclass
-class Occurrence:
-    """One module and every ``(parent, attribute)`` slot that holds it, with their qualified names."""
-
-    module: nn.Module
-    names: list[str] = field(default_factory=list)
-    slots: list[tuple[nn.Module, str]] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-
-def occurrences(model: nn.Module) -> dict[int, Occurrence]:
-    """``id(module) -> Occurrence`` for every module below ``model`` (the root is not included).
-
-    In the order modules are first reached, parents before children, like ``named_modules()``.
-    """
-    found: dict[int, Occurrence] = {}
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for key, child in parent._modules.items():
-            if child is None:
-                continue
-            name = f"{prefix}.{key}" if prefix else key
-            occ = found.get(id(child))
-            first = occ is None
-            if occ is None:
-                occ = found[id(child)] = Occurrence(child)
-            occ.names.append(name)
-            occ.slots.append((parent, key))
-            if first:
-                visit(child, name)
-
-    visit(model, "")
-    return found
-
-
-def replace_module(occ: Occurrence, new: nn.Module) -> None:
-    """Put ``new`` in every slot that holds ``occ.module`` (a shared module stays shared)."""
-    for parent, key in occ.slots:
-        parent._modules[key] = new
-
-
-def current_module(occ: Occurrence) -> list[nn.Module | None]:
-    """What each slot of ``occ`` holds now."""
-    return [parent._modules.get(key) for parent, key in occ.slots]
-
-
-# --------------------------------------------------------------------------------------------
-# Block stacks: the "depth" of a module
-
-
-@dataclass(frozen=True)
-class BlockStack:
-    """The repeated blocks of a model: ``name`` is the container (``"model.layers"``), ``size`` its length."""
-
-    name: str
-    size: int
-
-    def depth_of(self, qualified_name: str) -> int | None:
-        """The index of the block that holds ``qualified_name``, or ``None`` outside the stack."""
-        prefix = f"{self.name}." if self.name else ""
-        if not qualified_name.startswith(prefix):
-            return None
-        head = qualified_name[len(prefix) :].split(".", 1)[0]
-        return int(head) if head.isdigit() else None
-
-
-def find_blocks(model: nn.Module) -> BlockStack | None:
-    """The model's main stack of blocks: the longest ``ModuleList``/``Sequential`` of >= 2 modules of
-    one class that each hold parameters (GPT-2's ``transformer.h``, LLaMA's ``model.layers``,
-    BERT's ``encoder.layer``, normlab's ``blocks``); the shallowest wins a tie.
-    """
-    best: tuple[int, int, str] | None = None  # (-size, depth, name): min() picks the longest, then shallowest
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
-            continue
-        children = list(module)
-        if len({type(c) for c in children}) != 1 or not all(
-            any(True for _ in c.parameters()) for c in children
-        ):
-            continue
-        if isinstance(children[0], (nn.Linear, nn.modules.conv._ConvNd)):
-            continue  # a list of projections (heads, experts) is not a stack of blocks
-        key = (-len(children), name.count(".") + bool(name), name)
-        if best is None or key < best:
-            best = key
-    return None if best is None else BlockStack(best[2], -best[0])
+__all__ = ["Where", "compile_where"]
 
 
 # --------------------------------------------------------------------------------------------

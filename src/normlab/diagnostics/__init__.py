@@ -21,14 +21,7 @@ from normlab.diagnostics.depth import (
     residual_stats,
     residual_stream,
 )
-from normlab.diagnostics.hooks import (
-    Capture,
-    count_hooks,
-    find_blocks,
-    preserved_state,
-    select_modules,
-    strip_prefixes,
-)
+from normlab.diagnostics.hooks import Capture, count_hooks, preserved_state, select_modules
 from normlab.diagnostics.probes import (
     DyTRelation,
     DyTStats,
@@ -46,6 +39,7 @@ from normlab.diagnostics.probes import (
 from normlab.diagnostics.report import DiagnosticsReport, ModelInfo, diagnose
 from normlab.diagnostics.tracking import ModelUpdateHistory, ModelUpdateTracker, UpdatePoint
 from normlab.diagnostics.verdict import Finding, Thresholds, verdicts
+from normlab.structure import find_blocks, strip_prefixes
 
 __all__ = [
     "AngularDistances",

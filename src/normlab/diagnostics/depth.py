@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from normlab.diagnostics import metrics
 from normlab.diagnostics._results import Result
-from normlab.diagnostics.hooks import Capture, find_blocks, preserved_state, strip_prefixes, unwrap
+from normlab.diagnostics.hooks import Capture, preserved_state
 from normlab.diagnostics.probes import Batch, LossFn, call_model, model_loss
+from normlab.structure import find_blocks, strip_prefixes, unwrap
 
 CURSE_OF_DEPTH = "Sun et al. 2025, arXiv:2502.05795"
 
@@ -104,7 +105,7 @@ class Removal(Result):
 
 
 def _blocks(model: nn.Module, blocks: Blocks | None) -> list[tuple[str, nn.Module]]:
-    pairs = find_blocks(model) if blocks is None else list(blocks)
+    pairs = list(find_blocks(model)) if blocks is None else list(blocks)
     if not pairs:
         raise ValueError(f"{type(model).__name__}: no blocks to probe")
     return pairs

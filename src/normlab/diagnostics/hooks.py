@@ -2,10 +2,8 @@
 
 Everything here is measurement plumbing shared by the probes:
 
-* :func:`select_modules` picks modules by type, by name pattern or by predicate;
-  :func:`find_blocks` finds the residual blocks of normlab's GPT, Hugging Face transformers
-  (GPT-2 ``transformer.h``, LLaMA ``model.layers``, BERT ``encoder.layer``, ...) and
-  torchvision/timm ResNets by duck typing (class names), without importing those libraries.
+* :func:`select_modules` picks modules by type, by name pattern or by predicate; ``"blocks"``
+  is the model's block stack (:func:`normlab.structure.find_blocks`, the one conversion uses).
 * :class:`Capture` records module inputs, outputs and output gradients as detached CPU floats.
   Forward hooks return ``None`` and gradient hooks are tensor hooks that return ``None``, so
   outputs and gradients are bit-for-bit those of the unhooked model; every handle is removed
@@ -31,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from normlab.structure import find_blocks, strip_prefixes
+
 ModuleSelector = (
     str
     | type[nn.Module]
@@ -42,39 +42,6 @@ ModuleSelector = (
 """What :func:`select_modules` accepts: ``"blocks"``; a glob or ``re:`` pattern on qualified
 names; a list of patterns; a module class or tuple of classes; a ``(name, module) -> bool``
 predicate; or explicit ``(name, module)`` pairs."""
-
-_WRAPPER_ATTRS = ("_orig_mod", "module")
-# Class names of the residual blocks of torchvision / timm ResNets (and normlab's ConvNet).
-RESNET_BLOCK_NAMES = frozenset(
-    {"BasicBlock", "Bottleneck", "PreActBlock", "PreActBottleneck", "ResBottleneckBlock"}
-)
-# Attribute names of the ModuleList that holds a transformer's blocks: normlab ``blocks``,
-# GPT-2 ``h``, LLaMA/Mistral/Qwen/NeoX ``layers``, BERT/RoBERTa ``layer``.
-_BLOCK_LIST_NAMES = ("blocks", "h", "layers", "layer")
-
-
-def strip_prefixes(name: str) -> str:
-    """``"module._orig_mod.blocks.0"`` -> ``"blocks.0"``: drop DDP's leading ``module.`` and
-    every ``_orig_mod`` segment that ``torch.compile`` inserts."""
-    parts = name.split(".") if name else []
-    while parts and parts[0] in _WRAPPER_ATTRS:
-        parts.pop(0)
-    return ".".join(p for p in parts if p != "_orig_mod")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
-    seen = 0
-    while seen < 8:
-        inner = None
-        for attr in _WRAPPER_ATTRS:
-            cand = model._modules.get(attr)
-            if cand is not None and len(model._modules) == 1:
-                inner = cand
-        if inner is None:
-            return model
-        model, seen = inner, seen + 1
-    return model
 
 
 def first_tensor(obj: Any) -> Tensor | None:
@@ -142,7 +109,7 @@ def select_modules(model: nn.Module, select: ModuleSelector) -> list[tuple[str, 
         ValueError: nothing matched, naming the selector.
     """
     if isinstance(select, str) and select == "blocks":
-        return find_blocks(model)
+        return list(find_blocks(model))
     if _is_pairs(select):
         pairs = cast("Sequence[tuple[str, nn.Module]]", select)
         return [(str(n), m) for n, m in pairs]
@@ -165,47 +132,6 @@ def select_modules(model: nn.Module, select: ModuleSelector) -> list[tuple[str, 
     if not out:
         raise ValueError(f"select_modules: no module of {type(model).__name__} matches {select!r}")
     return out
-
-
-def _param_count(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The residual blocks of ``model``, in forward order, with their qualified names.
-
-    Recognised by structure and class name (no transformers/timm/torchvision import):
-
-    1. ResNet residual blocks: modules whose class is named ``BasicBlock``, ``Bottleneck``,
-       ``PreActBlock``, ... (torchvision, timm, normlab's ConvNet); else the children of
-       ``layer1``, ``layer2``, ... stages.
-    2. Transformers: the ``nn.ModuleList`` named ``blocks`` (normlab GPT), ``h`` (GPT-2),
-       ``layers`` (LLaMA, Mistral, Qwen, GPT-NeoX) or ``layer`` (BERT, RoBERTa) holding the
-       most parameters; else the largest ``nn.ModuleList`` with at least two entries.
-
-    Raises:
-        ValueError: none found; pass the blocks explicitly (``blocks=[(name, module), ...]``).
-    """
-    named = list(model.named_modules())
-    resnet = [(n, m) for n, m in named if type(m).__name__ in RESNET_BLOCK_NAMES]
-    if resnet:
-        # a block class nested in another block (rare) would be counted twice: keep the outer
-        outer = [(n, m) for n, m in resnet if not any(n.startswith(o + ".") for o, _ in resnet if o != n)]
-        return outer
-    stages = [(n, m) for n, m in named if re.fullmatch(r"(.*\.)?layer\d+", strip_prefixes(n) or "-")]
-    if stages and all(isinstance(m, nn.Sequential) for _, m in stages):
-        return [(f"{n}.{k}", c) for n, m in stages for k, c in m.named_children()]
-    lists = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and len(m) > 0]
-    preferred = [(n, m) for n, m in lists if n.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES]
-    pool = preferred or [(n, m) for n, m in lists if len(m) >= 2]
-    if not pool:
-        raise ValueError(
-            f"find_blocks: no residual blocks found in {type(model).__name__} (looked for ResNet "
-            "BasicBlock/Bottleneck, layerN stages and a ModuleList of blocks); pass "
-            "blocks=[(name, module), ...] explicitly"
-        )
-    name, blocks = max(pool, key=lambda nm: _param_count(nm[1]))
-    return [(f"{name}.{k}" if name else k, c) for k, c in blocks.named_children()]
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,16 +28,8 @@ from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import metrics
 from normlab.diagnostics._results import Result
-from normlab.diagnostics.hooks import (
-    Capture,
-    ModuleSelector,
-    find_blocks,
-    first_tensor,
-    preserved_state,
-    select_modules,
-    strip_prefixes,
-    unwrap,
-)
+from normlab.diagnostics.hooks import Capture, ModuleSelector, first_tensor, preserved_state, select_modules
+from normlab.structure import find_blocks, strip_prefixes, unwrap
 
 Batch = Tensor | Sequence[Any] | Mapping[str, Any]
 LossFn = Callable[[Any], Tensor]
@@ -279,7 +271,7 @@ def is_dyt(module: nn.Module) -> bool:
 def default_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The residual blocks when :func:`find_blocks` finds them, else every conv and linear layer."""
     try:
-        return find_blocks(model)
+        return list(find_blocks(model))
     except ValueError:
         return select_modules(model, (nn.modules.conv._ConvNd, nn.Linear))
 

@@ -20,7 +20,7 @@ from normlab.diagnostics.depth import (
     residual_capture,
     residual_stats,
 )
-from normlab.diagnostics.hooks import ModuleSelector, find_blocks, strip_prefixes
+from normlab.diagnostics.hooks import ModuleSelector
 from normlab.diagnostics.probes import (
     Batch,
     DyTRelation,
@@ -31,6 +31,7 @@ from normlab.diagnostics.probes import (
 )
 from normlab.diagnostics.tracking import ModelUpdateHistory
 from normlab.diagnostics.verdict import Finding, Thresholds, verdicts
+from normlab.structure import find_blocks, strip_prefixes
 
 
 @dataclass

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab._reference import derf_torch, dyt_torch, layer_norm_torch, rms_norm_torch
+
 # torch.library is untyped for mypy: reach it through Any. A FRAGMENT: other normlab ops may join.
 _library: Any = torch.library
 _LIB: Any = _library.Library("normlab", "FRAGMENT")
@@ -247,21 +249,17 @@ def _bn_backward_fake(
 
 
 # ------------------------------------------------------------------------------------------------
-# Plain-torch definitions of each op (the double-backward path), from normlab.functional
+# Plain-torch definitions of each op (the double-backward path), from normlab._reference
 
 
 def _plain_dyt(x: Tensor, alpha: Tensor, w: Tensor | None, b: Tensor | None, channel_dim: int) -> Tensor:
-    from normlab import functional as NF
-
-    return NF.dyt_torch(x, alpha, w, b, channel_dim=channel_dim)
+    return dyt_torch(x, alpha, w, b, channel_dim=channel_dim)
 
 
 def _plain_derf(
     x: Tensor, alpha: Tensor, shift: Tensor, w: Tensor | None, b: Tensor | None, channel_dim: int
 ) -> Tensor:
-    from normlab import functional as NF
-
-    return NF.derf_torch(x, alpha, shift, w, b, channel_dim=channel_dim)
+    return derf_torch(x, alpha, shift, w, b, channel_dim=channel_dim)
 
 
 def _rows(x: Tensor, row_size: int) -> Tensor:
@@ -281,23 +279,19 @@ def _plain_rms(
     eps_inside: bool,
     channels_first: bool = False,
 ) -> Tensor:
-    from normlab import functional as NF
-
     if channels_first:
-        y = NF.rms_norm_torch(x.movedim(1, -1), (row_size,), _flat(w), _flat(b), eps, eps_inside=eps_inside)
+        y = rms_norm_torch(x.movedim(1, -1), (row_size,), _flat(w), _flat(b), eps, eps_inside=eps_inside)
         return y.movedim(-1, 1)
-    y = NF.rms_norm_torch(_rows(x, row_size), (row_size,), _flat(w), _flat(b), eps, eps_inside=eps_inside)
+    y = rms_norm_torch(_rows(x, row_size), (row_size,), _flat(w), _flat(b), eps, eps_inside=eps_inside)
     return y.reshape(x.shape)
 
 
 def _plain_ln(
     x: Tensor, row_size: int, w: Tensor | None, b: Tensor | None, eps: float, channels_first: bool = False
 ) -> Tensor:
-    from normlab import functional as NF
-
     if channels_first:
-        return NF.layer_norm_torch(x.movedim(1, -1), (row_size,), _flat(w), _flat(b), eps).movedim(-1, 1)
-    return NF.layer_norm_torch(_rows(x, row_size), (row_size,), _flat(w), _flat(b), eps).reshape(x.shape)
+        return layer_norm_torch(x.movedim(1, -1), (row_size,), _flat(w), _flat(b), eps).movedim(-1, 1)
+    return layer_norm_torch(_rows(x, row_size), (row_size,), _flat(w), _flat(b), eps).reshape(x.shape)
 
 
 def _plain_gn(
