@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import normlab
 from normlab.diagnostics import (
     Capture,
-    DiagnosticsReport,
+    Diagnosis,
     LayerStats,
     ModelInfo,
     ModelUpdateTracker,
@@ -35,7 +35,7 @@ from normlab.diagnostics import (
     verdicts,
 )
 from normlab.diagnostics.depth import AngularDistances, Removal, ResidualStream
-from normlab.diagnostics.verdict import quarter_ratio
+from normlab.diagnostics.findings import quarter_ratio
 from normlab.models import GPT, GPTConfig
 
 
@@ -409,7 +409,7 @@ def test_diagnose_report_is_strict_json() -> None:
     assert {"act_var", "act_corr", "stable_rank", "act_grad_norm", "weight_grad_norm"} <= set(d["layers"][0])
 
 
-def _report(**kw: object) -> DiagnosticsReport:
+def _report(**kw: object) -> Diagnosis:
     base: dict[str, object] = {
         "model": ModelInfo("M", 0, 0, []),
         "data": "",
@@ -418,7 +418,7 @@ def _report(**kw: object) -> DiagnosticsReport:
         "layers": [],
     }
     base.update(kw)
-    return DiagnosticsReport(**base)  # type: ignore[arg-type]
+    return Diagnosis(**base)  # type: ignore[arg-type]
 
 
 def _layers(act_var: list[float], grads: list[float] | None = None, corr: float = 0.1) -> list[LayerStats]:

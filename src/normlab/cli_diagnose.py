@@ -140,7 +140,7 @@ def _slug(spec: str) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from normlab.report import text_table, write_report
+    from normlab.summary import text_table, write_summary
 
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value < 1:
@@ -173,7 +173,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             plots = False
             report.notes.append("no plots: matplotlib is not installed (pip install 'normlab[plot]')")
     out = Path(args.out) if args.out else Path("runs") / "diagnose" / _slug(args.model)
-    written = write_report(report, out, plots=plots)
+    written = write_summary(report, out, plots=plots)
     if args.json:
         print(report.to_json())
     else:

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics import metrics
-from normlab.diagnostics._results import Result
+from normlab.diagnostics._jsonable import Result
 from normlab.diagnostics.hooks import Capture, preserved_state
-from normlab.diagnostics.probes import Batch, LossFn, call_model, model_loss
+from normlab.diagnostics.layers import Batch, LossFn, call_model, model_loss
 from normlab.structure import find_blocks, strip_prefixes, unwrap
 
 CURSE_OF_DEPTH = "Sun et al. 2025, arXiv:2502.05795"

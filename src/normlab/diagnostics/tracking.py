@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics._results import Result
+from normlab.diagnostics._jsonable import Result
 from normlab.diagnostics.hooks import first_tensor, preserved_state, to_cpu_float
-from normlab.diagnostics.probes import Batch, call_model
+from normlab.diagnostics.layers import Batch, call_model
 
 DEEPNET = "Wang et al. 2022, arXiv:2203.00555"
 
@@ -52,7 +52,7 @@ class ModelUpdateTracker:
 
     Args:
         model: the model being trained.
-        batch: the fixed probe batch (see :func:`~normlab.diagnostics.probes.call_model`).
+        batch: the fixed probe batch (see :func:`~normlab.diagnostics.layers.call_model`).
         output_fn: ``output -> tensor`` (default: the first tensor, i.e. the logits).
         train: mode of the measuring passes; default ``False`` (eval: dropout off).
     """

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import metrics
-from normlab.diagnostics._results import Result
+from normlab.diagnostics._jsonable import Result
 from normlab.diagnostics.hooks import Capture, ModuleSelector, first_tensor, preserved_state, select_modules
 from normlab.structure import find_blocks, strip_prefixes, unwrap
 

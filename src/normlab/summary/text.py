@@ -1,5 +1,5 @@
-"""Text renderings of a :class:`~normlab.diagnostics.DiagnosticsReport`: the console table, a
-short Markdown summary, and :func:`write_report`, which writes every file of a diagnosis."""
+"""Text renderings of a :class:`~normlab.diagnostics.Diagnosis`: the console table, a
+short Markdown summary, and :func:`write_summary`, which writes every file of a diagnosis."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from normlab.diagnostics import DiagnosticsReport
-from normlab.report._io import atomic_write_text
+from normlab._atomic import atomic_write_text
+from normlab.diagnostics import Diagnosis
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
@@ -30,7 +30,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str], *, markdown: bo
     return "\n".join(s.rstrip() for s in out)
 
 
-def table_rows(report: DiagnosticsReport) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: Diagnosis) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per block when blocks were found, else one per layer."""
     by_name = {s.name: s for s in report.layers}
     if report.residual is not None and report.angular is not None:
@@ -68,7 +68,7 @@ def table_rows(report: DiagnosticsReport) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def text_table(report: DiagnosticsReport) -> str:
+def text_table(report: Diagnosis) -> str:
     """The console table, then the findings."""
     header, rows = table_rows(report)
     out = [_table(rows, header)]
@@ -84,7 +84,7 @@ def text_table(report: DiagnosticsReport) -> str:
     return "\n".join(out)
 
 
-def markdown_summary(report: DiagnosticsReport, *, images: Sequence[str] = ()) -> str:
+def markdown_summary(report: Diagnosis, *, images: Sequence[str] = ()) -> str:
     """A short Markdown page: what was measured, the findings, the table and the images."""
     m = report.model
     lines = [f"# normlab diagnose: {m.spec or m.model_type}", ""]
@@ -122,8 +122,8 @@ def markdown_summary(report: DiagnosticsReport, *, images: Sequence[str] = ()) -
     return "\n".join(lines) + "\n"
 
 
-def write_report(
-    report: DiagnosticsReport, out_dir: str | os.PathLike[str], *, plots: bool = True
+def write_summary(
+    report: Diagnosis, out_dir: str | os.PathLike[str], *, plots: bool = True
 ) -> dict[str, Path]:
     """Write ``diagnostics.json``, the PNG plots (when matplotlib is installed and ``plots``)
     and ``summary.md`` into ``out_dir``; each file atomically. Returns the written paths."""
@@ -131,7 +131,7 @@ def write_report(
     written: dict[str, Path] = {"json": atomic_write_text(out / "diagnostics.json", report.to_json() + "\n")}
     images: list[str] = []
     if plots:
-        from normlab.report import plots as P
+        from normlab.summary import plots as P
 
         written["layers"] = P.plot_layers(report, out / "layers.png")
         images.append("layers.png")

@@ -1,4 +1,4 @@
-"""PNG plots of a :class:`~normlab.diagnostics.DiagnosticsReport` (matplotlib, imported lazily).
+"""PNG plots of a :class:`~normlab.diagnostics.Diagnosis` (matplotlib, imported lazily).
 
 * :func:`plot_layers`: per-layer/per-block curves: residual-stream variance, angular distance
   ``d(l, l+1)`` and block influence, layer-removal loss change, ``act_var``, ``act_corr`` and
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from normlab.diagnostics import DiagnosticsReport
+from normlab._atomic import atomic_write_bytes
+from normlab.diagnostics import Diagnosis
 from normlab.diagnostics.tracking import ModelUpdateHistory
-from normlab.report._io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -60,7 +60,7 @@ def _log_axis(ax: Axes, values: Sequence[float]) -> None:
         ax.set_yscale("log")
 
 
-def plot_layers(report: DiagnosticsReport, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
+def plot_layers(report: Diagnosis, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
     """A grid of per-block and per-layer curves; panels without data are left out."""
     panels: list[tuple[str, str, list[tuple[str, list[float]]], bool]] = []
     if report.residual is not None:
@@ -146,7 +146,7 @@ def normalize_rows_robustly(data: np.ndarray, p_low: float = 1.0, p_high: float 
 
 
 def plot_angular_heatmap(
-    report: DiagnosticsReport,
+    report: Diagnosis,
     path: str | os.PathLike[str],
     *,
     variant: str = "last_token",
@@ -197,7 +197,7 @@ def _table(rows: Sequence[Sequence[float | None]]) -> list[list[float]]:
     return [_finite_or_nan(r) for r in rows]
 
 
-def plot_dyt(report: DiagnosticsReport, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
+def plot_dyt(report: Diagnosis, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
     """DyT ``alpha`` against ``1/std(input)``, one point per layer (Zhu et al. 2025, Fig. 8)."""
     if report.dyt is None or not report.dyt.layers:
         raise ValueError("plot_dyt: the report has no DyT layers")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from torch import nn
 
-from normlab.diagnostics._results import Result
 from normlab.diagnostics.depth import (
-    AngularDistances,
     Blocks,
-    Removal,
-    ResidualStream,
     angular_distances,
     block_influences,
     hidden_from_captures,
@@ -20,60 +15,16 @@ from normlab.diagnostics.depth import (
     residual_capture,
     residual_stats,
 )
+from normlab.diagnostics.findings import verdicts
 from normlab.diagnostics.hooks import ModuleSelector
-from normlab.diagnostics.probes import (
+from normlab.diagnostics.layers import (
     Batch,
-    DyTRelation,
-    LayerStats,
     LossFn,
-    NonFiniteReport,
     probe_pass,
 )
+from normlab.diagnostics.results import Diagnosis, ModelInfo, Thresholds
 from normlab.diagnostics.tracking import ModelUpdateHistory
-from normlab.diagnostics.verdict import Finding, Thresholds, verdicts
 from normlab.structure import find_blocks, strip_prefixes
-
-
-@dataclass
-class ModelInfo(Result):
-    """What was measured: the class, parameter count and the blocks found."""
-
-    model_type: str
-    num_params: int
-    num_blocks: int
-    block_names: list[str]
-    spec: str = ""
-
-
-@dataclass
-class DiagnosticsReport(Result):
-    """Everything :func:`diagnose` measured; ``to_dict()``/``to_json()`` for ``diagnostics.json``.
-
-    ``layers`` are per-module statistics (:class:`~normlab.diagnostics.probes.LayerStats`);
-    ``residual``, ``angular``, ``block_influence`` and ``removal`` are per block (``None``/empty
-    when the model has no blocks); ``findings`` come from
-    :func:`~normlab.diagnostics.verdict.verdicts`.
-    """
-
-    model: ModelInfo
-    data: str
-    loss: float
-    loss_kind: str
-    layers: list[LayerStats]
-    residual: ResidualStream | None = None
-    angular: AngularDistances | None = None
-    block_influence: list[float] = field(default_factory=list)
-    removal: Removal | None = None
-    dyt: DyTRelation | None = None
-    nonfinite: NonFiniteReport | None = None
-    model_update: ModelUpdateHistory | None = None
-    findings: list[Finding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def refresh_findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
-        """Recompute :attr:`findings` (e.g. after attaching a model-update history)."""
-        self.findings = verdicts(self, thresholds)
-        return self.findings
 
 
 def diagnose(
@@ -91,7 +42,7 @@ def diagnose(
     thresholds: Thresholds | None = None,
     data: str = "",
     spec: str = "",
-) -> DiagnosticsReport:
+) -> Diagnosis:
     """Measure what normalization does in ``model`` on ``batch``; nothing is printed or plotted.
 
     One forward+gradient pass gives the per-layer statistics, the residual stream, the DyT
@@ -132,7 +83,7 @@ def diagnose(
         extra_captures=captures,
     )
     notes += passed.notes
-    report = DiagnosticsReport(
+    report = Diagnosis(
         model=ModelInfo(
             model_type=type(model).__name__,
             num_params=sum(p.numel() for p in model.parameters()),

@@ -1,4 +1,4 @@
-"""Turn a :class:`~normlab.diagnostics.report.DiagnosticsReport` into short findings a person can
+"""Turn a :class:`~normlab.diagnostics.results.Diagnosis` into short findings a person can
 act on. Each finding states its numbers and the paper behind the rule; the thresholds are
 explicit (:class:`Thresholds`) and every rule is a plain comparison, so a finding can be
 checked by hand against ``diagnostics.json``.
@@ -30,50 +30,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from normlab.diagnostics import metrics
-from normlab.diagnostics._results import Result
-
-if TYPE_CHECKING:
-    from normlab.diagnostics.report import DiagnosticsReport
+from normlab.diagnostics.results import Diagnosis, Finding, Thresholds
 
 CURSE_OF_DEPTH = "Sun et al. 2025, arXiv:2502.05795"
 BEYOND_BN = "Lubana et al. 2021, arXiv:2106.05956"
 POST_LN_GRADS = "Xiong et al. 2020, arXiv:2002.04745; Takase et al. 2022, arXiv:2206.00330"
 DYT = "Zhu et al. 2025, arXiv:2503.10622"
 DEEPNET = "Wang et al. 2022, arXiv:2203.00555"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Thresholds:
-    """The numbers the rules compare against (see the module docstring)."""
-
-    small_angular: float = 0.1
-    small_removal: float = 0.01
-    min_run: int = 2
-    residual_growth: float = 10.0
-    geometric_total: float = 100.0
-    geometric_r2: float = 0.9
-    geometric_step: float = 1.15
-    collapse_corr: float = 0.9
-    vanishing_ratio: float = 0.25
-    exploding_ratio: float = 10.0
-    dyt_saturation: float = 2.5
-    update_relative: float = 1.0
-
-
-@dataclass
-class Finding(Result):
-    """One verdict: ``code`` names the rule, ``severity`` is ``"error"``, ``"warning"`` or
-    ``"info"``, ``numbers`` the measured values the ``message`` quotes, ``paper`` the source."""
-
-    code: str
-    severity: str
-    message: str
-    numbers: dict[str, float | int | str] = field(default_factory=dict)
-    paper: str = ""
 
 
 def _finite(xs: Sequence[float]) -> list[tuple[int, float]]:
@@ -101,14 +66,14 @@ def quarter_ratio(values: Sequence[float]) -> float:
     return first / last if last > 0 else math.inf
 
 
-def _residual_growth(report: DiagnosticsReport) -> float:
+def _residual_growth(report: Diagnosis) -> float:
     if report.residual is None or len(report.residual.variance) < 3:
         return math.nan
     v1, vl = report.residual.variance[1], report.residual.variance[-1]
     return vl / v1 if v1 > 0 else math.nan
 
 
-def _wasted_depth(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _wasted_depth(report: Diagnosis, th: Thresholds) -> Finding | None:
     if report.angular is None:
         return None
     d = report.angular.adjacent("last_token")
@@ -147,7 +112,7 @@ def _wasted_depth(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     return Finding("wasted_depth", "warning", msg, numbers, CURSE_OF_DEPTH)
 
 
-def _residual_finding(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _residual_finding(report: Diagnosis, th: Thresholds) -> Finding | None:
     growth = _residual_growth(report)
     if not (math.isfinite(growth) and growth >= th.residual_growth) or report.residual is None:
         return None
@@ -166,7 +131,7 @@ def _residual_finding(report: DiagnosticsReport, th: Thresholds) -> Finding | No
     )
 
 
-def _geometric(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _geometric(report: Diagnosis, th: Thresholds) -> Finding | None:
     pts = [(i, v) for i, v in _finite([s.act_var for s in report.layers]) if v > 0]
     if len(pts) < 4:
         return None
@@ -194,7 +159,7 @@ def _geometric(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     return None
 
 
-def _collapse(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _collapse(report: Diagnosis, th: Thresholds) -> Finding | None:
     rows = [s for s in report.layers if math.isfinite(s.act_corr)]
     if not rows:
         return None
@@ -214,7 +179,7 @@ def _collapse(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     )
 
 
-def _gradients(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _gradients(report: Diagnosis, th: Thresholds) -> Finding | None:
     rows = [s for s in report.layers if s.num_params > 0 and math.isfinite(s.weight_grad_norm)]
     if len(rows) < 2:
         return None
@@ -250,7 +215,7 @@ def _gradients(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     return None
 
 
-def _dyt(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _dyt(report: Diagnosis, th: Thresholds) -> Finding | None:
     if report.dyt is None or not report.dyt.layers:
         return None
     worst = max(
@@ -274,7 +239,7 @@ def _dyt(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     )
 
 
-def _update(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
+def _update(report: Diagnosis, th: Thresholds) -> Finding | None:
     hist = report.model_update
     if hist is None or not hist.points:
         return None
@@ -292,7 +257,7 @@ def _update(report: DiagnosticsReport, th: Thresholds) -> Finding | None:
     )
 
 
-def verdicts(report: DiagnosticsReport, thresholds: Thresholds | None = None) -> list[Finding]:
+def verdicts(report: Diagnosis, thresholds: Thresholds | None = None) -> list[Finding]:
     """Every rule that fires, most severe first (see the module docstring)."""
     th = thresholds or Thresholds()
     found: list[Finding] = []
