@@ -30,7 +30,7 @@ from normlab.studies import (
     write_report,
 )
 from normlab.studies.framework import rule_from_dict
-from normlab.studies.quick import resid_var_growth
+from normlab.studies.metrics import resid_var_growth
 from normlab.train import LMTask, RunConfig, TrainConfig, read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")

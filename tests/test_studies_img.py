@@ -25,7 +25,7 @@ from normlab.studies import StudyOptions, get_study, run_study
 from normlab.studies import groupsize as gs
 from normlab.studies import small_batch as sb
 from normlab.studies.framework import Study
-from normlab.studies.runner import make_plan
+from normlab.studies.plan import make_plan
 from normlab.train import ImageTask, RunConfig, TrainConfig, train
 from normlab.train.tasks import ImageRuntime
 

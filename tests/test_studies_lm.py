@@ -15,7 +15,8 @@ from normlab.models import GPT, GPTConfig
 from normlab.studies import Study, StudyOptions, get_study, grid, run_study
 from normlab.studies import depth as depth_mod
 from normlab.studies import warmup as warmup_mod
-from normlab.studies.depth import count_spikes, deep_angular, loss_spikes, probe_removal, removal_deep_share
+from normlab.studies.depth import deep_angular, probe_removal, removal_deep_share
+from normlab.studies.metrics import count_spikes, loss_spikes
 from normlab.studies.warmup import last_fc2_grad_at_init, probe_init_grads
 from normlab.train.probes import get_probe
 

@@ -266,7 +266,7 @@ def test_probes_are_named_and_extensible(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="unknown probe 'nope'"):
             train(bad, tmp_path / "b", task=lm_runtime(bad))
     finally:
-        PROBES.pop("test-width", None)
+        PROBES.unregister("test-width")
 
 
 @pytest.mark.parametrize(("norm", "exact"), [("layernorm", True), ("batchless", True), ("batchnorm", False)])

@@ -1,9 +1,10 @@
-"""A small name -> object registry shared by norms (and, later, placements).
+"""A small name -> object registry: norms, placements, studies, probes, corpora, image sets, models.
 
 Lookup is forgiving about spelling: case, ``_`` and ``-`` are ignored, so ``"LayerNorm"``,
 ``"layer_norm"`` and ``"layernorm"`` name the same entry. Registration is strict: a name or
 alias that collides with an existing one raises, so two files can never silently shadow
-each other.
+each other. The one exception is the same definition registered again (the same module and
+qualified name, as when ``importlib.reload`` re-runs a file): it replaces the old entry.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Registry(Generic[T]):
         aliases = tuple(aliases)
 
         def decorator(obj: T) -> T:
+            if name in self._entries and _reloaded(self._entries[name], obj):
+                self.unregister(name)  # a reloaded module registers its definitions again
             for spelled in (name, *aliases):
                 key = canonical_key(spelled)
                 if not key:
@@ -73,6 +76,14 @@ class Registry(Generic[T]):
         )
         raise ValueError(f"unknown {self.kind} {name!r}{hint}")
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (any spelling) and its aliases; returns the object it held."""
+        canonical = self.resolve(name)
+        for key in [k for k, v in self._keys.items() if v == canonical]:
+            del self._keys[key]
+        del self._aliases[canonical]
+        return self._entries.pop(canonical)
+
     def get(self, name: str) -> T:
         """The object registered under ``name`` (any spelling, or an alias)."""
         return self._entries[self.resolve(name)]
@@ -93,3 +104,14 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _reloaded(old: object, new: object) -> bool:
+    """Whether ``new`` is ``old`` defined again (another object, a class or function of the same
+    module and qualified name): what a reloaded module registers."""
+    key = ("__module__", "__qualname__")
+    if old is new:
+        return False
+    return all(isinstance(getattr(o, k, None), str) for o in (old, new) for k in key) and all(
+        getattr(old, k) == getattr(new, k) for k in key
+    )

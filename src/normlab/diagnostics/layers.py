@@ -269,11 +269,24 @@ def is_dyt(module: nn.Module) -> bool:
 
 
 def default_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The residual blocks when :func:`find_blocks` finds them, else every conv and linear layer."""
+    """The residual blocks when :func:`~normlab.structure.find_blocks` finds them, else every conv
+    and linear layer, else every leaf module that holds parameters (a model made of norms)."""
     try:
         return list(find_blocks(model))
     except ValueError:
-        return select_modules(model, (nn.modules.conv._ConvNd, nn.Linear))
+        pass
+    named = [(n, m) for n, m in model.named_modules() if n]
+    layers: list[tuple[str, nn.Module]] = [
+        (n, m) for n, m in named if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
+    if not layers:
+        layers = [(n, m) for n, m in named if not m._modules and any(True for _ in m.parameters())]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__}: no blocks, conv/linear layers or parametrized modules to measure; "
+            "pass layers="
+        )
+    return layers
 
 
 def _grad_norm(module: nn.Module, grads_by_param: dict[int, Tensor | None], *, matrices: bool) -> float:

@@ -68,7 +68,7 @@ from normlab.studies.framework import (
     register_study,
 )
 from normlab.train.config import ImageTask, RunConfig, TrainConfig
-from normlab.train.probes import PROBES, register_probe
+from normlab.train.probes import register_probe
 
 STEPS = 300
 BATCH = 32
@@ -140,6 +140,7 @@ def _step_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y) + total_aux_loss(model)
 
 
+@register_probe("step_memory")
 def step_memory_probe(model: nn.Module, x: Tensor) -> dict[str, Any]:
     """``step_peak_mib``: peak CPU MiB of one training forward+backward on ``x`` (see the module)."""
     clone = _train_copy(model)
@@ -153,6 +154,7 @@ def step_memory_probe(model: nn.Module, x: Tensor) -> dict[str, Any]:
     return {"step_peak_mib": peak / MIB, "step_micro_batch": len(x)}
 
 
+@register_probe("accum_exactness")
 def accum_exactness_probe(model: nn.Module, x: Tensor) -> dict[str, Any]:
     """``accum_grad_rel_err``: ``max |g_batch - g_accum| / max |g_batch|`` on ``x`` (``n >= 2``)."""
     n = len(x)
@@ -173,11 +175,6 @@ def accum_exactness_probe(model: nn.Module, x: Tensor) -> dict[str, Any]:
         num = max(num, float((p.grad.double() - q.grad.double()).abs().max()))
         den = max(den, float(p.grad.double().abs().max()))
     return {"accum_grad_rel_err": num / den if den > 0 else 0.0}
-
-
-for _name, _fn in (("step_memory", step_memory_probe), ("accum_exactness", accum_exactness_probe)):
-    if _name not in PROBES:  # a re-import (e.g. importlib.reload) must not fail
-        register_probe(_name)(_fn)
 
 
 def _probe_metric(key: str) -> Callable[[list[dict[str, Any]], Mapping[str, Any]], float | None]:

@@ -32,7 +32,7 @@ full run; the verdicts are what they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ from normlab.studies.framework import (
     grid,
     register_study,
 )
-from normlab.studies.quick import resid_var_growth
+from normlab.studies.metrics import loss_spikes, resid_var_growth
 from normlab.train.config import LMTask, RunConfig, TrainConfig
 from normlab.train.probes import register_probe
 
@@ -58,7 +58,6 @@ DEPTHS = (4, 12)
 STEPS = 400
 LR = 1e-3
 LOG_EVERY = 5
-SPIKE_THRESHOLD = 0.3
 
 # arch -> (placement, norm)
 ARCHS: dict[str, tuple[str, str]] = {
@@ -75,40 +74,6 @@ ARCHS: dict[str, tuple[str, str]] = {
 
 # --------------------------------------------------------------------------------------------
 # Metrics and the removal probe
-
-
-def loss_spikes(records: list[dict[str, Any]], summary: Mapping[str, Any]) -> float | None:
-    """The number of loss spikes of a run: logged training losses ``loss_k`` with ``loss_k >
-    min(loss_0 .. loss_{k-1}) + 0.3`` nats (:data:`SPIKE_THRESHOLD`), counted once per episode
-    (a spike starts at a record above the line whose previous record was not).
-
-    The running minimum makes the early descent and a plateau no spike; 0.3 nats is several
-    times the step-to-step noise of the training loss on 512 characters a step. A diverged
-    run's non-finite loss is not a logged record (see ``diverged``). ``None`` without records.
-    """
-    del summary
-    losses = [
-        float(r["loss"])
-        for r in records
-        if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
-    ]
-    if not losses:
-        return None
-    return float(count_spikes(losses, threshold=SPIKE_THRESHOLD))
-
-
-def count_spikes(losses: Sequence[float], *, threshold: float) -> int:
-    """Episodes where a loss exceeds the running minimum of the earlier losses by > ``threshold``."""
-    if not threshold > 0:
-        raise ValueError(f"count_spikes: threshold must be > 0, got {threshold!r}")
-    count, running_min, inside = 0, math.inf, False
-    for loss in losses:
-        above = loss > running_min + threshold
-        if above and not inside:
-            count += 1
-        inside = above
-        running_min = min(running_min, loss)
-    return count
 
 
 @register_probe("depth_removal")

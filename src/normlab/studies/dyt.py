@@ -70,7 +70,7 @@ from normlab.studies.framework import (
     register_study,
 )
 from normlab.train.config import LMTask, RunConfig, TrainConfig
-from normlab.train.probes import PROBES, register_probe
+from normlab.train.probes import register_probe
 
 LM_STEPS = 600
 LR = 1e-3
@@ -90,6 +90,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+@register_probe("dyt_alpha")
 def dyt_alpha_probe(model: nn.Module, idx: Tensor) -> dict[str, Any]:
     """``dyt_alpha``, ``dyt_inv_std`` (per DyT layer, in module order) and ``dyt_alpha_r``, the
     Pearson correlation between them across layers (NaN if alpha is constant), on ``idx``.
@@ -105,10 +106,6 @@ def dyt_alpha_probe(model: nn.Module, idx: Tensor) -> dict[str, Any]:
         "dyt_inv_std": [s.inv_input_std for s in rel.layers],
         "dyt_alpha_r": rel.pearson,
     }
-
-
-if "dyt_alpha" not in PROBES:  # a re-import (e.g. importlib.reload) must not fail
-    register_probe("dyt_alpha")(dyt_alpha_probe)
 
 
 def alpha_inv_std_r(records: list[dict[str, Any]], summary: Mapping[str, Any]) -> float | None:

@@ -17,8 +17,6 @@ Every verdict comes from the rules below, fixed before the run.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 from normlab.studies.framework import (
@@ -32,6 +30,7 @@ from normlab.studies.framework import (
     grid,
     register_study,
 )
+from normlab.studies.metrics import resid_var_growth
 from normlab.train.config import ImageTask, LMTask, RunConfig, TrainConfig
 
 N_LAYER = 6
@@ -106,15 +105,6 @@ def _grid(options: StudyOptions) -> list[RunSpec]:
     specs = grid("lm", _lm(options), seeds=seeds, points=lm_points)
     specs += grid("img", _img(options), seeds=seeds, norm=["batchnorm", "groupnorm"], batch_size=[2])
     return specs
-
-
-def resid_var_growth(records: list[dict[str, Any]], summary: Mapping[str, Any]) -> float | None:
-    """``log(var(x_L) / var(x_1))``: growth of the residual-stream variance from the output of
-    the first block to the output of the last, at the end of training (Sun et al. 2025)."""
-    var = summary.get("probe", {}).get("resid_var")
-    if not var or len(var) < 3 or not var[1] or not var[-1] or var[1] <= 0 or var[-1] <= 0:
-        return None
-    return math.log(var[-1] / var[1])
 
 
 def _lm_side(label: str, placement: str, warmup: int = 0) -> Side:

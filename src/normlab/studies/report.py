@@ -19,7 +19,7 @@ from typing import Any
 
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
-from normlab.studies.runner import ERROR_FILE, load_plan, run_dir
+from normlab.studies.plan import ERROR_FILE, load_plan, run_dir
 from normlab.train.logger import read_jsonl
 from normlab.train.loop import METRICS_FILE, RESULT_FILE, summarize, write_json
 

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from normlab.diagnostics import lm_inputs, model_loss
 from normlab.models import GPT
-from normlab.studies.depth import loss_spikes
 from normlab.studies.framework import (
     Better,
     Claim,
@@ -50,6 +49,7 @@ from normlab.studies.framework import (
     grid,
     register_study,
 )
+from normlab.studies.metrics import loss_spikes
 from normlab.train.config import LMTask, RunConfig, TrainConfig
 from normlab.train.probes import register_probe
 

@@ -32,27 +32,20 @@ import torch
 from torch import Tensor, nn
 
 from normlab.models import GPT, ConvNet
+from normlab.registry import Registry
 
 ProbeFn = Callable[[nn.Module, Tensor], dict[str, Any]]
-PROBES: dict[str, ProbeFn] = {}
+PROBES: Registry[ProbeFn] = Registry("probe")
 
 
 def register_probe(name: str) -> Callable[[ProbeFn], ProbeFn]:
     """Decorator: ``@register_probe("grad_norms") def fn(model, batch) -> dict``."""
-
-    def decorator(fn: ProbeFn) -> ProbeFn:
-        if name in PROBES:
-            raise ValueError(f"register_probe: {name!r} is already registered")
-        PROBES[name] = fn
-        return fn
-
-    return decorator
+    return PROBES.register(name)
 
 
 def get_probe(name: str) -> ProbeFn:
-    if name not in PROBES:
-        raise ValueError(f"unknown probe {name!r}; registered: {sorted(PROBES)}")
-    return PROBES[name]
+    """The probe registered as ``name``; an unknown name is a ``ValueError`` naming close ones."""
+    return PROBES.get(name)
 
 
 def angular_distance_matrix(hidden: list[Tensor]) -> list[list[float]]:

@@ -1,0 +1,106 @@
+"""A study's plan file and run directories, read by the runner and the report alike.
+
+``plan.json`` holds the grid (each run's config and its hash), the claims with their verdict
+rules, and the environment; it is written before the first run starts, so the rules cannot
+follow the results. ``runs/<cell>-s<seed>/`` is one run directory each (see
+:mod:`normlab.train.trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from normlab.studies.environment import environment
+from normlab.studies.framework import RunSpec, Study, StudyOptions
+from normlab.train.config import RunConfig, config_hash
+
+__all__ = [
+    "ERROR_FILE",
+    "PLAN_FILE",
+    "PLAN_FORMAT",
+    "check_same_plan",
+    "load_plan",
+    "make_plan",
+    "plan_configs",
+    "run_dir",
+]
+
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "normlab-study/1"
+ERROR_FILE = "error.txt"
+
+
+def run_dir(study_dir: Path, key: str) -> Path:
+    return study_dir / "runs" / key
+
+
+def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict[str, Any]:
+    """The study's plan: the grid and the claims with their rules, as JSON."""
+    return {
+        "format": PLAN_FORMAT,
+        "study": study.name,
+        "title": study.title,
+        "question": study.question,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(options),
+        "environment": environment(),
+        "claims": [c.to_dict() for c in study.claims],
+        "plots": [p.to_dict() for p in study.plots],
+        "runs": [
+            {
+                "key": s.key,
+                "group": s.group,
+                "cell": s.cell,
+                "seed": s.seed,
+                "params": dict(s.params),
+                "config": s.config.to_dict(),
+                "config_hash": config_hash(s.config),
+            }
+            for s in specs
+        ],
+    }
+
+
+def check_same_plan(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    new = json.loads(json.dumps(new))  # tuples become lists, as in the stored plan
+    old_runs = {r["key"]: r["config_hash"] for r in old.get("runs", [])}
+    new_runs = {r["key"]: r["config_hash"] for r in new["runs"]}
+    changed = sorted(k for k in old_runs.keys() & new_runs.keys() if old_runs[k] != new_runs[k])
+    added, removed = sorted(new_runs.keys() - old_runs.keys()), sorted(old_runs.keys() - new_runs.keys())
+    rules_changed = [c["id"] for c in old.get("claims", [])] != [c["id"] for c in new["claims"]] or any(
+        (o["rule"], o["metric"], o["a"], o["b"]) != (n["rule"], n["metric"], n["a"], n["b"])
+        for o, n in zip(old.get("claims", []), new["claims"], strict=False)
+    )
+    if old.get("study") != new["study"] or changed or added or removed or rules_changed:
+        what = []
+        if old.get("study") != new["study"]:
+            what.append(f"study {old.get('study')!r} != {new['study']!r}")
+        if changed:
+            what.append(f"{len(changed)} runs changed configuration (e.g. {changed[0]})")
+        if added or removed:
+            what.append(f"{len(added)} runs added, {len(removed)} removed (other --seeds/--scale/options?)")
+        if rules_changed:
+            what.append("the claims or their verdict rules changed")
+        raise ValueError(
+            f"{path} was planned differently: {'; '.join(what)}. "
+            "Resume with the same options, or choose a new --out"
+        )
+
+
+def load_plan(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(study_dir) / PLAN_FILE
+    if not path.is_file():
+        raise ValueError(f"{Path(study_dir)} is not a study directory (no {PLAN_FILE})")
+    plan: dict[str, Any] = json.loads(path.read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"{path}: unknown plan format {plan.get('format')!r}")
+    return plan
+
+
+def plan_configs(plan: dict[str, Any]) -> dict[str, RunConfig]:
+    return {r["key"]: RunConfig.from_dict(r["config"]) for r in plan["runs"]}
