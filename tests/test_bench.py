@@ -97,14 +97,14 @@ def test_the_compared_implementations_compute_the_same_function() -> None:
     img = torch.randn(2, 32, 5, 4)
     _same(normlab.LayerNorm(32, channels_first=True), bench.TorchLayerNorm2d(32), img)
     _same(normlab.DyT(32, channels_first=True), bench.PaperDyT(32, channels_last=False), img)
-    gn = bench._Transposed(normlab.GroupNorm(32, num_groups=4))
-    ref = bench._Transposed(torch.nn.GroupNorm(4, 32))
+    gn = bench.Transposed(normlab.GroupNorm(32, num_groups=4))
+    ref = bench.Transposed(torch.nn.GroupNorm(4, 32))
     _same(gn, ref, x)
     r = torch.randn_like(x)
     for kind in ("layernorm", "rmsnorm"):
-        fused = bench._AddNorm(32, kind, fused=True)
+        fused = bench.AddNorm(32, kind, fused=True)
         torch.testing.assert_close(
-            fused(x, r), bench._AddNorm(32, kind, fused=False)(x, r), rtol=1e-5, atol=1e-5
+            fused(x, r), bench.AddNorm(32, kind, fused=False)(x, r), rtol=1e-5, atol=1e-5
         )
 
 

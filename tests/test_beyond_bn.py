@@ -20,7 +20,14 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 import normlab
-from normlab.nn import RELU_GAIN, RELU_SHIFT, CenteredScaledReLU, ScaledStdConv2d, SkipInit, WNConv2d
+from normlab.norms._parametric import (
+    RELU_GAIN,
+    RELU_SHIFT,
+    CenteredScaledReLU,
+    ScaledStdConv2d,
+    SkipInit,
+    WNConv2d,
+)
 
 from cases import make_norm, randomize_params
 from reference import REFERENCES

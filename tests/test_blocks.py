@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import normlab
-from normlab import init as nl_init
 from normlab.blocks import Block, BlockConfig, TokenwiseNorm, build_block, list_placements, make_block_norm
+from normlab.blocks import init as nl_init
 from normlab.models import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 PLACEMENTS = list_placements()

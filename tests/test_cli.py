@@ -37,7 +37,7 @@ def test_smoke_checks_every_norm(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_smoke_measures_fp64_agreement() -> None:
-    from normlab.smoke import smoke_one
+    from normlab.cli.smoke import smoke_one
 
     result = smoke_one("layernorm")
     assert result.ok and 0 < result.max_err_vs_fp64 < 1e-5

@@ -14,13 +14,13 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.cli import main
-from normlab.cli_convert import load_converted
 from normlab.convert import (
     UnsupportedNormError,
     apply_layernorm_scaling,
     convert_norms,
     find_blocks,
     fold_dyt,
+    load_converted,
     read_norm,
     remove_layernorm_scaling,
     revert,

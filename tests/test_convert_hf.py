@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.cli import main
-from normlab.cli_convert import load_converted
 from normlab.convert import (
     apply_layernorm_scaling,
     convert_norms,
@@ -23,6 +22,7 @@ from normlab.convert import (
     fold_batchnorm,
     fold_dyt,
     freeze_batchnorm,
+    load_converted,
     remove_layernorm_scaling,
     revert,
 )

@@ -81,7 +81,7 @@ def test_checkpoint_and_token_files(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_random_fallback_is_said_and_shakespeare_is_used_when_installed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import normlab.cli_diagnose as cli_diagnose
+    import normlab.cli.diagnose as cli_diagnose
 
     with monkeypatch.context() as m:
         m.setattr(cli_diagnose, "_text_tokens", lambda: None)  # as on a machine without the text

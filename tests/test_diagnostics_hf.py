@@ -16,7 +16,7 @@ from normlab.diagnostics import (
     removed_block,
     residual_stream,
 )
-from normlab.modelspec import model_from_spec
+from normlab.models.spec import model_from_spec
 
 pytest.importorskip("transformers", reason="transformers is an optional dependency (normlab[hf])")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from normlab.models import GPT, save_checkpoint
-from normlab.modelspec import model_from_spec, parse_overrides
+from normlab.models.spec import model_from_spec, parse_overrides
 
 
 def test_parse_overrides_literals_strings_and_lists() -> None:

@@ -3,7 +3,9 @@
 Layers share one registry: ``normlab.create_norm("dyt", 512)``, ``normlab.list_norms()``.
 """
 
-from normlab import diagnostics, init, models, nn
+from typing import Any
+
+from normlab import convert, diagnostics, models
 from normlab.blocks import BlockConfig, build_block, list_placements
 from normlab.convert import (
     apply_layernorm_scaling,
@@ -90,16 +92,23 @@ __all__ = [
     "fold_dyt",
     "freeze_batchnorm",
     "get_norm_layer",
-    "init",
     "init_batchless",
     "label_modules",
     "list_norms",
     "list_placements",
     "models",
-    "nn",
     "register_norm",
     "remove_layernorm_scaling",
     "revert_sync",
     "total_aux_loss",
     "unfreeze_batchnorm",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # normlab.init and normlab.nn moved beside their users (blocks, norms); the old paths warn
+    if name in ("init", "nn"):
+        import importlib
+
+        return importlib.import_module(f"normlab.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,7 @@ from normlab.blocks._base import (
     make_block_norm,
     register_placement,
 )
+from normlab.blocks.init import deepnorm_alpha_beta, subln_gamma
 
 __all__ = [
     "MLP",
@@ -32,8 +33,10 @@ __all__ = [
     "BlockConfig",
     "TokenwiseNorm",
     "build_block",
+    "deepnorm_alpha_beta",
     "get_placement",
     "list_placements",
     "make_block_norm",
     "register_placement",
+    "subln_gamma",
 ]

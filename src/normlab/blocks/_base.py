@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab import init as nl_init
+from normlab.blocks import init as nl_init
 from normlab.norms import NORMS, create_norm
 from normlab.norms._base import Device, DType, NormSpec
 from normlab.norms._pointwise import PointwiseNorm

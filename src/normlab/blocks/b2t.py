@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from normlab import init as nl_init
+from normlab.blocks import init as nl_init
 from normlab.blocks._base import Block, register_placement
 
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from normlab import init as nl_init
+from normlab.blocks import init as nl_init
 from normlab.blocks._base import Block, BlockConfig, register_placement
 from normlab.norms._base import Device, DType
 
@@ -16,7 +16,7 @@ class DeepNormBlock(Block):
     """DeepNorm: Post-LN with an up-weighted residual, ``x <- LN(alpha * x + f(x))``.
 
     ``alpha = (2N)^(1/4)`` and the init gain ``beta = (8N)^(-1/4)`` for a stack of N layers
-    (:func:`normlab.init.deepnorm_alpha_beta`). ``alpha`` is a Python float, not a buffer, so
+    (:func:`normlab.blocks.init.deepnorm_alpha_beta`). ``alpha`` is a Python float, not a buffer, so
     meta-device construction cannot lose it. Init (``init_placement``), ``placement_init="paper"``:
     ``xavier_normal_(gain=beta)`` on ``fc1``, ``fc2``, ``v_proj``, ``out_proj`` and ``gain=1`` on
     ``q_proj``, ``k_proj``; ``"torchscale"``: the existing weights of those four times ``beta``.

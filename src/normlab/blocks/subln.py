@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from normlab import init as nl_init
+from normlab.blocks import init as nl_init
 from normlab.blocks._base import Block, register_placement
 
 
@@ -18,7 +18,7 @@ class SubLNBlock(Block):
     ``x <- x + fc2(LN(act(fc1(LN(x)))))``: the inner norms (``attn.inner_norm``,
     ``mlp.inner_norm``) sit before ``out_proj`` and on the MLP hidden, as torchscale builds them.
 
-    Init (``init_placement``): ``gamma = sqrt(log 2N)`` (:func:`normlab.init.subln_gamma`).
+    Init (``init_placement``): ``gamma = sqrt(log 2N)`` (:func:`normlab.blocks.init.subln_gamma`).
     ``placement_init="paper"``: ``xavier_normal_(gain=gamma)`` on ``fc1``, ``fc2``, ``v_proj``,
     ``out_proj`` and ``gain=1`` on ``q_proj``, ``k_proj``; ``"torchscale"``: the existing
     weights of ``fc1``, ``fc2``, ``v_proj``, ``out_proj`` times ``gamma``.

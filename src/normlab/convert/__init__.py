@@ -12,6 +12,7 @@ from normlab.convert.batchnorm import (
     unfreeze,
     unfreeze_batchnorm,
 )
+from normlab.convert.checkpoint import apply_steps, load_converted
 from normlab.convert.convert import ConversionReport, Replacement, Skipped, convert_norms, revert
 from normlab.convert.detect import NormInfo, UnsupportedNormError, read_norm
 from normlab.convert.dyt import fold_dyt
@@ -28,6 +29,7 @@ __all__ = [
     "Skipped",
     "UnsupportedNormError",
     "apply_layernorm_scaling",
+    "apply_steps",
     "compile_where",
     "convert_norms",
     "convert_sync",
@@ -35,6 +37,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_dyt",
     "freeze_batchnorm",
+    "load_converted",
     "pre_norm_names",
     "read_norm",
     "remove_layernorm_scaling",

@@ -30,6 +30,7 @@ from normlab.norms._base import (
     list_norms,
     register_norm,
 )
+from normlab.norms._parametric import CenteredScaledReLU, ScaledStdConv2d, SkipInit, WNConv2d
 from normlab.norms.batch_norm import BatchNorm
 from normlab.norms.batchless import BatchlessNorm, init_batchless, total_aux_loss
 from normlab.norms.bln import BatchLayerNorm, bln_new_epoch
@@ -55,6 +56,7 @@ __all__ = [
     "BatchNorm",
     "BatchlessNorm",
     "CBNConv",
+    "CenteredScaledReLU",
     "CompoundBatchNorm",
     "CrossBatchNorm",
     "CrossIterationBatchNorm",
@@ -72,7 +74,10 @@ __all__ = [
     "NormMixin",
     "NormSpec",
     "RMSNorm",
+    "ScaledStdConv2d",
+    "SkipInit",
     "VarianceNorm",
+    "WNConv2d",
     "bln_new_epoch",
     "convert_sync",
     "create_norm",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from normlab._atomic import atomic_write_text
+from normlab._text import text_table as _columns
 from normlab.diagnostics import Diagnosis
 
 
@@ -23,11 +24,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str], *, markdown: bo
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [line.format(*header), line.format(*("-" * w for w in widths))]
-    out += [line.format(*r) for r in rows]
-    return "\n".join(s.rstrip() for s in out)
+    return _columns(rows, header)
 
 
 def table_rows(report: Diagnosis) -> tuple[list[str], list[list[str]]]:

@@ -10,7 +10,7 @@ Specs:
   ``config_json`` instead reads a ``config.json`` written by ``save_pretrained``.
 
 Values are parsed as Python literals where they are one (``12``, ``0.1``, ``True``, ``None``),
-else kept as strings. This module is an edge of the package (it may import ``transformers``).
+else kept as strings. Hugging Face models come from :mod:`normlab.models.hf` (``transformers`` is optional).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from normlab.models import GPT, GPTConfig, load_checkpoint
+from normlab.models.checkpoint import load_checkpoint
+from normlab.models.gpt import GPT, GPTConfig
+from normlab.models.hf import hf_config, hf_model
 
 GPT_DEFAULTS: dict[str, Any] = {"vocab_size": 256, "block_size": 128}
 
@@ -68,38 +70,16 @@ def gpt_from_spec(text: str) -> GPT:
 
 def hf_from_spec(text: str = "", *, config_json: str | Path | None = None) -> nn.Module:
     """A Hugging Face model with random weights from a ``model_type`` (and overrides) or a config.json."""
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ValueError("hf models need the 'transformers' package: pip install 'normlab[hf]'") from e
     if config_json is not None:
         data = json.loads(Path(config_json).read_text())
         model_type = data.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"{config_json}: config.json has no 'model_type'")
-        config = transformers.AutoConfig.for_model(model_type, **data)
-    else:
-        model_type, _, rest = text.partition(":")
-        if not model_type:
-            raise ValueError("hf spec: expected hf:MODEL_TYPE[:key=value,...], e.g. hf:gpt2 or hf:llama")
-        overrides = parse_overrides(rest, where="hf spec")
-        try:
-            config = transformers.AutoConfig.for_model(model_type, **overrides)
-        except ValueError as e:
-            raise ValueError(f"hf spec: unknown model_type {model_type!r} ({e})") from None
-    auto_classes = (  # encoders (BERT) have a masked-LM head first; decoders only a causal one
-        transformers.AutoModelForMaskedLM,
-        transformers.AutoModelForCausalLM,
-        transformers.AutoModelForImageClassification,
-        transformers.AutoModel,
-    )
-    for auto in auto_classes:
-        try:
-            model: nn.Module = auto.from_config(config)  # type: ignore[no-untyped-call]
-        except ValueError:  # this head does not exist for the model type; try the next
-            continue
-        return model
-    raise ValueError(f"hf spec: transformers has no model class for config {type(config).__name__}")
+        return hf_model(hf_config(model_type, data))
+    model_type, _, rest = text.partition(":")
+    if not model_type:
+        raise ValueError("hf spec: expected hf:MODEL_TYPE[:key=value,...], e.g. hf:gpt2 or hf:llama")
+    return hf_model(hf_config(model_type, parse_overrides(rest, where="hf spec")))
 
 
 def model_from_spec(spec: str, *, config_json: str | Path | None = None) -> nn.Module:

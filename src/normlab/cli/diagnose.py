@@ -9,13 +9,12 @@
 
 MODEL is a normlab GPT spec, a checkpoint written by normlab, or a Hugging Face model type
 built from its config with random weights (nothing is downloaded); see
-:mod:`normlab.modelspec`. The batch is ``--batch-size`` windows of ``--seq-len`` tokens of:
+:mod:`normlab.models.spec`. The batch is ``--batch-size`` windows of ``--seq-len`` tokens of:
 a token file (``.pt``/``.npy``, a 1-D stream or a 2-D ``(rows, tokens)`` array), the
 Shakespeare text (characters as tokens, from ``normlab.data``), or uniform random tokens
 (``--data random``, and the fallback when no text is installed, which the summary then says).
 The passes run in eval mode (dropout off). Written to ``--out``: ``diagnostics.json``,
 ``summary.md`` and PNG plots (with matplotlib); a table and the findings are printed.
-This module is an edge of the package (it may import ``transformers`` through the model spec).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics import diagnose, lm_inputs
-from normlab.modelspec import model_from_spec
 from normlab.structure import unwrap
 
 __all__ = ["add_parser", "cmd_diagnose", "load_tokens", "model_limits"]
@@ -140,6 +137,8 @@ def _slug(spec: str) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    from normlab.diagnostics import diagnose, lm_inputs
+    from normlab.models.spec import model_from_spec
     from normlab.summary import text_table, write_summary
 
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):

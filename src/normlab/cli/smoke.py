@@ -1,6 +1,5 @@
-"""A quick end-to-end check of every registered norm: build, train step, eval, fp64 agreement.
-
-Used by ``normlab smoke`` (and ``make demo``). For each norm it builds the spec's example
+"""``normlab smoke``: a quick end-to-end check of every registered norm (build, train step, eval,
+fp64 agreement), run by ``make demo``. For each norm it builds the spec's example
 instance, runs a training forward and backward and an eval forward on a random input in the
 norm's layout, and compares the fp32 output with the same module run in fp64 (same
 parameters). Nothing is hard-coded: every figure is measured in the run.
@@ -8,14 +7,17 @@ parameters). Nothing is hard-coded: every figure is measured in the run.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from normlab._text import text_table
 from normlab.norms import create_norm, get_norm_layer, list_norms
 
 
@@ -86,3 +88,47 @@ def smoke_one(name: str, num_features: int = 24, seed: int = 0) -> SmokeResult:
 def run_smoke(names: list[str] | None = None) -> list[SmokeResult]:
     """Smoke-check ``names`` (default: every registered norm)."""
     return [smoke_one(n) for n in (names or list_norms())]
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    results = run_smoke(args.names or None)
+    rows: list[list[object]] = [
+        [
+            r.name,
+            "x".join(map(str, r.input_shape)),
+            r.num_params,
+            f"{r.out_mean:+.3f}",
+            f"{r.out_std:.3f}",
+            f"{r.grad_norm:.3g}",
+            "yes" if r.eval_equals_train else "no",
+            f"{r.max_err_vs_fp64:.1e}",
+            f"{r.ms:.1f}",
+            "ok" if r.ok else "FAIL",
+        ]
+        for r in results
+    ]
+    header = [
+        "norm",
+        "input",
+        "params",
+        "out mean",
+        "out std",
+        "|dx|",
+        "eval==train",
+        "err vs fp64",
+        "ms",
+        "",
+    ]
+    print(text_table(rows, header))
+    failed = [r.name for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} norms ran a finite train step and eval pass.")
+    return 1 if failed else 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``normlab smoke``."""
+    p = subparsers.add_parser(
+        "smoke", help="run a train step and an eval pass of every norm, checked against fp64"
+    )
+    p.add_argument("names", nargs="*", help="norms to check (default: all)")
+    p.set_defaults(func=cmd_smoke)
