@@ -295,7 +295,7 @@ def test_scaled_depth_scaled_and_b2t_rescale_inits() -> None:
     torch.manual_seed(1)
     plain = build_block("b2t", cfg_(n_layer=9), 0)
     torch.manual_seed(1)
-    scaled = build_block("b2t", cfg_(n_layer=9, b2t_rescale=True), 0)
+    scaled = build_block("b2t", cfg_(n_layer=9, placement_kwargs={"rescale": True}), 0)
     for lin in ("attn.k_proj", "mlp.fc1"):
         torch.testing.assert_close(weight_of(scaled, lin), weight_of(plain, lin) / 3)
 
@@ -432,13 +432,17 @@ def test_lns_norm_and_lns_placement_compute_the_same_model() -> None:
     torch.manual_seed(0)
     b = GPT(GPTConfig(**kw, norm="layernorm", placement="lns"))  # type: ignore[arg-type]
     torch.manual_seed(0)
-    c = GPT(GPTConfig(**kw, norm="layernorm", placement="pre", layernorm_scaling=True))  # type: ignore[arg-type]
+    with pytest.warns(DeprecationWarning, match="layernorm_scaling"):  # the old spelling, one release
+        c = GPT(GPTConfig(**kw, norm="layernorm", placement="pre", layernorm_scaling=True))  # type: ignore[arg-type]
     assert type(c.blocks[2]).__name__ == "LNSBlock"
     assert a.final_norm.scale == 1.0  # type: ignore[union-attr]
     idx = torch.randint(0, 17, (2, 8))
     torch.testing.assert_close(a(idx).logits, b(idx).logits, atol=2e-6, rtol=0)
     torch.testing.assert_close(b(idx).logits, c(idx).logits, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="layernorm_scaling"):
+    with (
+        pytest.raises(ValueError, match="layernorm_scaling"),
+        pytest.warns(DeprecationWarning, match="deprecated"),
+    ):
         GPTConfig(**kw, placement="post", layernorm_scaling=True)  # type: ignore[arg-type]
 
 
@@ -537,6 +541,15 @@ def test_gpt_bad_input_errors(make: Callable[[GPT], object], match: str) -> None
         ({"dropout": 1.0}, "dropout"),
         ({"init": "xavier"}, "init must be"),
         ({"mixln_alpha": 1.5}, "mixln_alpha"),
+        (
+            {"placement": "mixln", "placement_kwargs": {"alpha": 1.5}},
+            r"'mixln': alpha must be a number in \[0, 1\]",
+        ),
+        ({"placement": "b2t", "placement_kwargs": {"rescale": 1}}, "'b2t': rescale must be a bool"),
+        (
+            {"placement_kwargs": {"alpha": 0.3}},
+            r"placement 'pre': unknown placement_kwargs \['alpha'\]; its options: none",
+        ),
         ({"vocab_size": 0}, "vocab_size"),
     ],
 )

@@ -82,7 +82,7 @@ def test_residual_variance_grows_with_depth_in_pre_ln_and_less_with_lns() -> Non
 def gradient_change(placement: str, seed: int, depth: int, batch: int = 16, length: int = 64) -> float:
     """Change of log ||dL/dW_l|| from block 0 to block L-1 at init, in the papers' setting."""
     fairseq = {"init_std": 64**-0.5, "embed_scale": True, "causal": False}
-    extra = {"b2t_rescale": True} if placement == "b2t" else {}
+    extra = {"placement_kwargs": {"rescale": True}} if placement == "b2t" else {}
     model = gpt(placement, seed, depth, **fairseq, **extra)
     stats = layer_stats(model, lm_inputs(model, tokens(batch, length, seed)))
     grads = [s.weight_grad_norm for s in stats]  # per block, its weight matrices

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -20,11 +21,15 @@ from torch import Tensor, nn
 from normlab.blocks import init as nl_init
 from normlab.norms import NORMS, create_norm
 from normlab.norms._base import Device, DType, NormSpec
-from normlab.norms._pointwise import PointwiseNorm
-from normlab.norms.dyt import dyt_alpha_init
 from normlab.registry import Registry
 
 Site = Literal["attn", "ffn", "final"]
+# BlockConfig fields that carried one placement's option, until 0.1: field -> what replaces it
+_DEPRECATED_FIELDS = {
+    "b2t_rescale": "placement='b2t' with placement_kwargs={'rescale': ...}",
+    "mixln_alpha": "placement='mixln' with placement_kwargs={'alpha': ...}",
+    "layernorm_scaling": "placement='lns'",
+}
 InitScheme = Literal["normal", "scaled", "depth_scaled", "torch"]
 
 
@@ -55,10 +60,11 @@ class BlockConfig:
         init_std: the std of ``"normal"`` and ``"scaled"``.
         placement_init: ``"paper"`` (DeepNet/Magneto: ``xavier_normal_(gain)``) or
             ``"torchscale"`` (multiply the existing init) for DeepNorm and Sub-LN.
-        b2t_rescale: B2T's official init option: every linear weight of the block times
-            ``n_layer ** -0.5``.
-        mixln_alpha: Mix-LN: the first ``floor(mixln_alpha * n_layer)`` blocks are Post-LN.
-        layernorm_scaling: Pre-LN with LayerNorm Scaling (``placement="pre"`` becomes ``"lns"``).
+        placement_kwargs: options of the placement, read by it alone (``Block.OPTIONS`` lists
+            each placement's, with defaults): B2T's ``rescale``, Mix-LN's ``alpha``.
+        b2t_rescale, mixln_alpha, layernorm_scaling: deprecated (they warn; gone in the next
+            release): ``placement_kwargs={"rescale": ...}`` with B2T, ``{"alpha": ...}`` with
+            Mix-LN, and ``placement="lns"``.
     """
 
     n_embd: int
@@ -75,9 +81,10 @@ class BlockConfig:
     init: InitScheme = "normal"
     init_std: float = 0.02
     placement_init: Literal["paper", "torchscale"] = "paper"
-    b2t_rescale: bool = False
-    mixln_alpha: float = 0.25
-    layernorm_scaling: bool = False
+    placement_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    b2t_rescale: bool | None = None
+    mixln_alpha: float | None = None
+    layernorm_scaling: bool | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -103,7 +110,16 @@ class BlockConfig:
             raise ValueError(
                 f"{owner}: placement_init must be 'paper' or 'torchscale', got {self.placement_init!r}"
             )
-        if not 0.0 <= self.mixln_alpha <= 1.0:
+        if not isinstance(self.placement_kwargs, Mapping):
+            raise ValueError(f"{owner}: placement_kwargs must be a mapping, got {self.placement_kwargs!r}")
+        for old, new in _DEPRECATED_FIELDS.items():
+            if getattr(self, old) is not None:
+                warnings.warn(
+                    f"{owner}({old}=...) is deprecated: use {new}; it goes in the next release",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
+        if self.mixln_alpha is not None and not 0.0 <= self.mixln_alpha <= 1.0:
             raise ValueError(f"{owner}: mixln_alpha must be in [0, 1], got {self.mixln_alpha!r}")
         NORMS.resolve(self.norm)  # unknown names fail here, with suggestions
         if self.qk_norm is not None:
@@ -158,9 +174,8 @@ def make_block_norm(
 
     * Norms that need their depth (LNS) get ``layer_idx``; the final norm gets ``layer_idx=0``,
       i.e. the unscaled base norm, as the Curse-of-Depth paper prescribes.
-    * DyT/Derf (statistics-free, with a scalar ``alpha``) get the DyT LLaMA recipe's per-site
-      ``alpha_init``: ``dyt_alpha_init(d, "attn")`` before attention, ``"other"`` elsewhere
-      (unless ``norm_kwargs`` sets ``alpha_init``).
+    * The norm's own per-site recipe comes from its class (``block_kwargs``): DyT/Derf get the
+      DyT LLaMA recipe's ``alpha_init``; ``norm_kwargs`` overrides it.
     * Channels-first norms are applied token by token (:class:`TokenwiseNorm`).
 
     Raises:
@@ -185,11 +200,9 @@ def make_block_norm(
     unknown = set(spec.needs) - {"layer_idx"}
     if unknown:
         raise ValueError(f"{where}: it needs {sorted(unknown)}, which a block cannot supply")
-    kwargs = dict(cfg.norm_kwargs)
-    if "layer_idx" in spec.needs:
+    kwargs = {**cls.block_kwargs(site=site, d_model=cfg.n_embd), **cfg.norm_kwargs}  # type: ignore[attr-defined]
+    if "layer_idx" in spec.needs:  # the block's own depth, whatever norm_kwargs say
         kwargs["layer_idx"] = 0 if site == "final" else layer_idx
-    if issubclass(cls, PointwiseNorm) and "alpha_init" not in kwargs:
-        kwargs["alpha_init"] = dyt_alpha_init(cfg.n_embd, "attn" if site == "attn" else "other")
     norm = create_norm(name, num_features, device=device, dtype=dtype, **kwargs)
     return TokenwiseNorm(norm) if spec.layout == "channel" else norm
 
@@ -309,7 +322,12 @@ class Block(nn.Module):
     NORM_SLOTS: ClassVar[Mapping[str, Site]] = {"norm_attn": "attn", "norm_mlp": "ffn"}
     NEEDS_FINAL_NORM: ClassVar[bool] = True
     SUBLAYER_NORMS: ClassVar[bool] = False
+    # the placement's options (``BlockConfig.placement_kwargs``) and their defaults
+    OPTIONS: ClassVar[Mapping[str, Any]] = {}
+    # option -> the deprecated BlockConfig field that carried it until 0.1
+    LEGACY_OPTION_FIELDS: ClassVar[Mapping[str, str]] = {}
     registry_name: ClassVar[str]
+    options: dict[str, Any]
     # the norms of NORM_SLOTS, added by name in __init__
     norm_attn: nn.Module
     norm_mlp: nn.Module
@@ -324,6 +342,7 @@ class Block(nn.Module):
                 f"{owner}: layer_idx must be an int in [0, n_layer={cfg.n_layer}), got {layer_idx!r}"
             )
         self.cfg, self.layer_idx = cfg, layer_idx
+        self.options = self.resolve_options(cfg)
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         inner = self.SUBLAYER_NORMS
         self.attn = Attention(cfg, layer_idx=layer_idx, inner_norm=inner, **dd)
@@ -331,6 +350,30 @@ class Block(nn.Module):
         for slot, site in self.NORM_SLOTS.items():
             self.add_module(slot, make_block_norm(cfg, cfg.n_embd, site=site, layer_idx=layer_idx, **dd))
         self.reset_parameters()
+
+    @classmethod
+    def resolve_options(cls, cfg: BlockConfig) -> dict[str, Any]:
+        """``OPTIONS`` updated by ``cfg.placement_kwargs`` (and a deprecated field that carried one).
+
+        Raises:
+            ValueError: an option this placement does not have, naming the ones it has.
+        """
+        name = getattr(cls, "registry_name", cls.__name__)
+        unknown = sorted(set(cfg.placement_kwargs) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise ValueError(f"placement {name!r}: unknown placement_kwargs {unknown}; its options: {known}")
+        options = dict(cls.OPTIONS)
+        for option, old in cls.LEGACY_OPTION_FIELDS.items():
+            if getattr(cfg, old) is not None:
+                options[option] = getattr(cfg, old)
+        options.update(cfg.placement_kwargs)
+        cls.check_options(options)
+        return options
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Validate the placement's option values (none to check by default)."""
 
     def linears(self) -> list[nn.Linear]:
         return [m for m in self.modules() if isinstance(m, nn.Linear)]

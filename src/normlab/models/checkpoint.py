@@ -22,19 +22,28 @@ from normlab.models.gpt import GPT, GPTConfig
 FORMAT = "normlab-gpt/1"
 
 
+# Deprecated fields and the values every checkpoint written before 0.2 holds for them (the
+# defaults of then): such a value means "not set" and is dropped on load.
+_LEGACY_DEFAULTS = {"b2t_rescale": False, "mixln_alpha": 0.25, "layernorm_scaling": False}
+
+
 def config_to_dict(config: GPTConfig) -> dict[str, Any]:
-    """The config as plain Python values (``norm_kwargs`` copied to a dict)."""
+    """The config as plain Python values (``norm_kwargs``, ``placement_kwargs`` copied to dicts;
+    deprecated fields left out when unset)."""
     d = dataclasses.asdict(config)
     d["norm_kwargs"] = dict(config.norm_kwargs)
-    return d
+    d["placement_kwargs"] = dict(config.placement_kwargs)
+    return {k: v for k, v in d.items() if not (k in _LEGACY_DEFAULTS and v is None)}
 
 
 def config_from_dict(d: Mapping[str, Any]) -> GPTConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
+    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them. A checkpoint
+    written before ``placement_kwargs`` existed loads as the same model."""
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"GPT config: unknown keys {unknown}; known: {sorted(known)}")
+    d = {k: v for k, v in d.items() if not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k])}
     return GPTConfig(**d)
 
 

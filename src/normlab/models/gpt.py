@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from normlab.blocks import Block, BlockConfig, build_block, get_placement, make_block_norm
 from normlab.norms import NORMS
-from normlab.norms._base import Device, DType
-from normlab.norms._pointwise import PointwiseNorm
+from normlab.norms._base import Device, DType, NormSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +30,7 @@ class GPTConfig(BlockConfig):
             Peri-LN, Sub-LN, Mix-LN, LNS: yes; Post-LN, DeepNorm, B2T: no).
         embed_scale: a learned scalar multiplying the token embedding, initialised to
             ``sqrt(n_embd)`` (the DyT LLaMA recipe, also Derf's GPT-2): ``None`` enables it
-            exactly for the statistics-free norms (DyT, Derf).
+            for the norms whose spec asks for it (``NormSpec.embed_scale``: DyT, Derf).
 
     Defaults are the nanoGPT "baby" size scaled down: 6 layers, 4 heads, width 128.
     """
@@ -55,7 +54,8 @@ class GPTConfig(BlockConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {v!r}")
-        get_placement(self.placement, self)  # unknown placements fail here, with suggestions
+        # unknown placements and placement options fail here, with suggestions
+        get_placement(self.placement, self).resolve_options(self)
 
 
 class GPTOutput(NamedTuple):
@@ -84,8 +84,8 @@ class GPT(nn.Module):
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, **dd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd, **dd)
-        norm_cls = NORMS.get(cfg.norm)
-        use_scale = issubclass(norm_cls, PointwiseNorm) if cfg.embed_scale is None else cfg.embed_scale
+        norm_spec: NormSpec = NORMS.get(cfg.norm).spec  # type: ignore[attr-defined]
+        use_scale = norm_spec.embed_scale if cfg.embed_scale is None else cfg.embed_scale
         self.embed_scale = nn.Parameter(torch.empty((), **dd)) if use_scale else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(build_block(cfg.placement, cfg, i, **dd) for i in range(cfg.n_layer))

@@ -31,8 +31,15 @@ from normlab.norms._base import (
     register_norm,
 )
 from normlab.norms._parametric import CenteredScaledReLU, ScaledStdConv2d, SkipInit, WNConv2d
+from normlab.norms._training import (
+    after_step,
+    on_epoch_end,
+    second_forward,
+    total_aux_loss,
+    wants_second_forward,
+)
 from normlab.norms.batch_norm import BatchNorm
-from normlab.norms.batchless import BatchlessNorm, init_batchless, total_aux_loss
+from normlab.norms.batchless import BatchlessNorm, init_batchless
 from normlab.norms.bln import BatchLayerNorm, bln_new_epoch
 from normlab.norms.cbn import CBNConv, CrossIterationBatchNorm
 from normlab.norms.compound_bn import CompoundBatchNorm
@@ -78,6 +85,7 @@ __all__ = [
     "SkipInit",
     "VarianceNorm",
     "WNConv2d",
+    "after_step",
     "bln_new_epoch",
     "convert_sync",
     "create_norm",
@@ -87,7 +95,10 @@ __all__ = [
     "init_batchless",
     "label_modules",
     "list_norms",
+    "on_epoch_end",
     "register_norm",
     "revert_sync",
+    "second_forward",
     "total_aux_loss",
+    "wants_second_forward",
 ]

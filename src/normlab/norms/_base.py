@@ -49,6 +49,9 @@ class NormSpec:
         lazy_buffers: some buffers are empty until the first training input sets their shape
             (BLN's per-position statistics), so a compiled module traces one more graph, per
             dtype, at its first training call.
+        embed_scale: a transformer built with this norm scales its token embeddings by a learned
+            scalar initialised to ``sqrt(d)`` (the DyT LLaMA recipe, also Derf's GPT-2): the
+            statistics-free norms, whose output follows the scale of their input.
         fp32_tolerance: factor on the fp32 tolerances of the fp64-reference tests, for a norm
             whose exact output is ill-conditioned in its input (not a loose implementation):
             Compound BN's mixture posteriors at ``|x|`` ~ 50 x the component spread, where one
@@ -66,6 +69,7 @@ class NormSpec:
     activation_params: tuple[str, ...] = ()
     aux_params: tuple[str, ...] = ()
     lazy_buffers: bool = False
+    embed_scale: bool = False
     fp32_tolerance: float = 1.0
 
 
@@ -86,6 +90,35 @@ class NormMixin:
         if self.spec.layout == "channel" or getattr(self, "channels_first", False):
             return 1
         return -1
+
+    # ---- Facts a model builder reads (normlab's transformer blocks) ----
+
+    @classmethod
+    def block_kwargs(cls, *, site: str, d_model: int) -> dict[str, Any]:
+        """Default options for this norm at ``site`` of a transformer block of width ``d_model``:
+        ``"attn"`` (before attention), ``"ffn"`` (before the MLP, or inside a sublayer) or
+        ``"final"`` (after the last block). None by default; a norm whose paper gives a per-site
+        recipe returns it here. (What the block must supply, ``spec.needs``, is not a default.)
+        """
+        return {}
+
+    # ---- Training hooks (see normlab.norms._training): nothing by default ----
+
+    def after_step(self) -> bool:
+        """Work after an optimizer step; returns whether anything was done."""
+        return False
+
+    def on_epoch_end(self) -> bool:
+        """Work after the last step of an epoch; returns whether anything was done."""
+        return False
+
+    @property
+    def wants_second_forward(self) -> bool:
+        """Whether this norm needs each step's inputs forwarded again after the optimizer step."""
+        return False
+
+    def set_second_forward(self, active: bool) -> None:
+        """Enter (``True``) or leave the second forward of a step's inputs."""
 
     def _where(self) -> str:
         name = type(self).__name__

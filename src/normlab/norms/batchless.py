@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -290,28 +290,6 @@ class BatchlessNorm(NormMixin, nn.Module):
 # Model-level helpers
 
 
-class _HasAuxLoss(Protocol):
-    def aux_loss(self) -> Tensor: ...
-
-
-def total_aux_loss(model: nn.Module) -> Tensor:
-    """The sum of ``aux_loss()`` over every norm in ``model`` that has one (``spec.aux_params``).
-
-    ``loss = task_loss + normlab.total_aux_loss(model)``. A module shared under several names
-    counts once. Without such norms (or before any training forward) it is a 0-dim zero tensor
-    on the device of the model's first parameter.
-    """
-    total: Tensor | None = None
-    for module in model.modules():
-        if isinstance(module, NormMixin) and module.spec.aux_params:
-            loss = cast(_HasAuxLoss, module).aux_loss()
-            total = loss if total is None else total + loss
-    if total is not None:
-        return total
-    first = next(model.parameters(), None)
-    return torch.zeros((), device=None if first is None else first.device)
-
-
 def _default_forward(model: nn.Module, batch: Any) -> object:
     if isinstance(batch, Tensor):
         return model(batch)
@@ -476,4 +454,4 @@ def init_batchless(
     return done
 
 
-__all__ = ["BatchlessNorm", "init_batchless", "total_aux_loss"]
+__all__ = ["BatchlessNorm", "init_batchless"]

@@ -190,6 +190,10 @@ class BatchLayerNorm(NormMixin, nn.Module):
         if hasattr(self, "skipped_updates"):
             self.skipped_updates.zero_()
 
+    def on_epoch_end(self) -> bool:
+        """The official Keras callback's epoch end: :meth:`new_epoch`."""
+        return self.new_epoch()
+
     @torch.no_grad()
     def new_epoch(self) -> bool:
         """Close the epoch: moving statistics = averages over its batches; restart the sums.

@@ -28,7 +28,9 @@ class Derf(PointwiseNorm):
     Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first`` -> same shape and dtype.
     """
 
-    spec = NormSpec(paper="Chen et al. 2025, arXiv:2512.10938", layout="last", elementwise=True)
+    spec = NormSpec(
+        paper="Chen et al. 2025, arXiv:2512.10938", layout="last", elementwise=True, embed_scale=True
+    )
 
     def __init__(
         self,

@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import bisect
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from normlab import functional as NF
 from normlab.norms._base import Device, DType, NormSpec, register_norm
-from normlab.norms._pointwise import PointwiseNorm
+from normlab.norms._pointwise import PointwiseNorm, dyt_alpha_init
 
-# Paper Table 11 (widths 1024..8192, identical for depths 8-64) and Table 10 (13B, width 5120):
-# width -> (alpha0 of the attention DyT, alpha0 of the other DyTs: pre-FFN and final).
-_LLM_ALPHA_TABLE: tuple[tuple[int, float, float], ...] = (
-    (1024, 1.0, 1.0),
-    (2048, 1.0, 0.5),
-    (4096, 0.8, 0.2),
-    (5120, 0.6, 0.15),
-    (8192, 0.2, 0.05),
-)
-
-
-def dyt_alpha_init(width: int, site: Literal["attn", "other"] = "attn") -> float:
-    """alpha0 for a DyT in an LLM of model width ``width`` (paper Tables 10-11).
-
-    Width, not depth, sets alpha0. ``site="attn"`` is the DyT before attention; ``"other"`` the
-    one before the FFN and the final one. Between tabulated widths the next larger width's row
-    is used (wider needs smaller alpha0, so rounding up is the safe side); beyond 8192 the
-    8192 row. Non-LLM models use the default 0.5.
-    """
-    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
-        raise ValueError(f"dyt_alpha_init: width must be a positive int, got {width!r}")
-    if site not in ("attn", "other"):
-        raise ValueError(f"dyt_alpha_init: site must be 'attn' or 'other', got {site!r}")
-    widths = [row[0] for row in _LLM_ALPHA_TABLE]
-    row = _LLM_ALPHA_TABLE[min(bisect.bisect_left(widths, width), len(widths) - 1)]
-    return row[1] if site == "attn" else row[2]
+__all__ = ["DyT", "dyt_alpha_init"]
 
 
 @register_norm("dyt", aliases=("dynamic_tanh",))
@@ -62,7 +34,9 @@ class DyT(PointwiseNorm):
     Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first`` -> same shape and dtype.
     """
 
-    spec = NormSpec(paper="Zhu et al. 2025, arXiv:2503.10622", layout="last", elementwise=True)
+    spec = NormSpec(
+        paper="Zhu et al. 2025, arXiv:2503.10622", layout="last", elementwise=True, embed_scale=True
+    )
 
     def __init__(
         self,

@@ -281,6 +281,15 @@ class MemorizedBatchNorm(NormMixin, nn.Module):
             running_var=self.running_var * (1 - factor) + unbiased.to(bdtype) * factor,
         )
 
+    @property
+    def wants_second_forward(self) -> bool:
+        """With ``double_forward``, the step's batches are forwarded again after the optimizer
+        step, to record their moments under the updated weights."""
+        return self.double_forward
+
+    def set_second_forward(self, active: bool) -> None:
+        self._second_pass = bool(active)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, memory_size={self.memory_size}, memory_weights={self.memory_weights}, "
@@ -330,9 +339,9 @@ def double_forward_pass(model: nn.Module) -> Iterator[None]:
         if not layer.double_forward:
             layer._fail("double_forward_pass() needs every MemorizedBatchNorm built with double_forward=True")
     for layer in layers:
-        layer._second_pass = True
+        layer.set_second_forward(True)
     try:
         yield
     finally:
         for layer in layers:
-            layer._second_pass = False
+            layer.set_second_forward(False)
