@@ -174,6 +174,7 @@ def test_bln_epochs_are_closed_at_every_epoch_end() -> None:
     assert runtime.steps_per_epoch == 4
     torch.manual_seed(0)
     model = runtime.build_model()
+    hooks = normlab.norms.TrainingHooks(model, steps_per_epoch=runtime.steps_per_epoch)
     bln = next(m for m in model.modules() if isinstance(m, normlab.BatchLayerNorm))
     assert isinstance(model, ConvNet)
     conv = model.features[0]
@@ -182,7 +183,7 @@ def test_bln_epochs_are_closed_at_every_epoch_end() -> None:
         x, y = runtime.batch(step)
         runtime.loss(model, (x, y))
         runtime.loss(model, (x, y))  # two micro-batches of one step
-        runtime.after_step(model, step + 1)
+        hooks.after_step(model, step + 1)
         if step < 4:
             first_epoch.append(torch.var_mean(conv(x).detach(), dim=0, correction=0))
         want = 0 if step == 3 else 2 * (step - 3) if step > 3 else 2 * (step + 1)
@@ -193,7 +194,7 @@ def test_bln_epochs_are_closed_at_every_epoch_end() -> None:
     assert int(bln.batches_accumulated) == 4
     for step in (6, 7):
         runtime.loss(model.train(), runtime.batch(step))
-        runtime.after_step(model, step + 1)
+        hooks.after_step(model, step + 1)
     assert int(bln.batches_accumulated) == 0 and not torch.equal(bln.moving_batch_mean, means)  # type: ignore[arg-type]
 
 
@@ -245,7 +246,7 @@ def test_models_without_these_norms_are_untouched(tmp_path: Path, monkeypatch: p
     """The hooks are keyed on the layers: a BatchNorm run is the same with them switched off."""
     config = _config("batchnorm", steps=4)
     train(config, tmp_path / "hooks", task=_runtime(config))
-    monkeypatch.setattr(ImageRuntime, "after_step", lambda self, model, done: None)
+    monkeypatch.setattr(normlab.norms.TrainingHooks, "after_step", lambda self, model, done: None)
     train(config, tmp_path / "none", task=_runtime(config))
     a = torch.load(tmp_path / "hooks" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "none" / "final.pt", weights_only=True)

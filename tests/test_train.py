@@ -21,7 +21,9 @@ from normlab.train import (
     LMRuntime,
     LMTask,
     RunConfig,
+    SingleProcess,
     TrainConfig,
+    Trainer,
     config_hash,
     load_state,
     lr_factor,
@@ -296,3 +298,33 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path: Path, norm: str,
 def test_accum_steps_must_divide_the_batch() -> None:
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by accum_steps=4"):
         TrainConfig(steps=1, batch_size=6, lr=0.1, accum_steps=4)
+
+
+def test_norm_epoch_hooks_run_on_language_models_too(tmp_path: Path) -> None:
+    """BLN closes its epoch after every pass over the training tokens, whatever the task: an
+    encoder GPT (batch statistics need bidirectional attention) on 720 training characters,
+    batch 4 x 16: 11 steps an epoch, so after 12 steps one batch of the second epoch is open."""
+    gpt = {**TINY_GPT, "encoder": True, "norm": "bln", "norm_kwargs": {"batch_size": 4}}
+    task = LMTask(block_size=16, gpt=gpt, eval_batches=2, eval_batch_size=4)
+    config = RunConfig(task=task, train=TrainConfig(steps=12, batch_size=4, lr=3e-3, ckpt_every=0))
+    runtime = LMRuntime(task, TextCorpus.from_text(TEXT[:800]), seed=0, batch_size=4)
+    assert runtime.steps_per_epoch == 11
+    train(config, tmp_path, task=runtime)
+    state = torch.load(tmp_path / "final.pt", weights_only=True)
+    counts = {k: int(v) for k, v in state.items() if k.endswith("batches_accumulated")}
+    assert len(counts) == 5 and set(counts.values()) == {1}
+    assert all(
+        float(state[k.replace("batches_accumulated", "moving_batch_var")].abs().sum()) > 0 for k in counts
+    )
+
+
+def test_the_trainer_takes_a_strategy_and_runs_in_its_steps(tmp_path: Path) -> None:
+    config = lm_config(steps=4, eval_every=0)
+    whole = train(config, tmp_path / "a", task=lm_runtime(config))
+    trainer = Trainer(config, tmp_path / "b", task=lm_runtime(config), strategy=SingleProcess())
+    assert trainer.run()["final"] == whole["final"]
+    assert (
+        Trainer(config, tmp_path / "b", task=lm_runtime(config)).run()["final"] == whole["final"]
+    )  # finished
+    with pytest.raises(ValueError, match="steps_per_epoch must be an int >= 1, got 0"):
+        normlab.norms.TrainingHooks(torch.nn.Linear(2, 2), steps_per_epoch=0)

@@ -32,6 +32,7 @@ from normlab.norms._base import (
 )
 from normlab.norms._parametric import CenteredScaledReLU, ScaledStdConv2d, SkipInit, WNConv2d
 from normlab.norms._training import (
+    TrainingHooks,
     after_step,
     on_epoch_end,
     second_forward,
@@ -83,6 +84,7 @@ __all__ = [
     "RMSNorm",
     "ScaledStdConv2d",
     "SkipInit",
+    "TrainingHooks",
     "VarianceNorm",
     "WNConv2d",
     "after_step",

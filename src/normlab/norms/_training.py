@@ -11,14 +11,14 @@ hooks of :class:`~normlab.norms._base.NormMixin`), so a loop needs no list of no
   ``double_forward=True``, arXiv:2010.04947): :func:`wants_second_forward`, then the forwards
   inside :func:`second_forward`.
 
-``normlab.train``'s Trainer calls all of them for every task; a loop of your own calls them the
-same way (a model without such norms makes each a no-op).
+:class:`TrainingHooks` calls them in order for one loop: ``normlab.train``'s Trainer uses it for
+every task, and a loop of your own can (a model without such norms makes each call a no-op).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, cast
 
 import torch
@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from normlab.norms._base import NormMixin
 
-__all__ = ["after_step", "on_epoch_end", "second_forward", "total_aux_loss", "wants_second_forward"]
+__all__ = [
+    "TrainingHooks",
+    "after_step",
+    "on_epoch_end",
+    "second_forward",
+    "total_aux_loss",
+    "wants_second_forward",
+]
 
 
 class _HasAuxLoss(Protocol):
@@ -89,3 +96,55 @@ def second_forward(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.set_second_forward(False)
+
+
+class TrainingHooks:
+    """The norms' procedures outside the forward pass, for one model in one training loop.
+
+    ::
+
+        hooks = TrainingHooks(model, steps_per_epoch=len(loader))
+        for step, (x, y) in enumerate(batches):
+            hooks.record(x)                       # each micro-batch's inputs of the step
+            loss = criterion(model(x), y) + total_aux_loss(model)
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            hooks.after_step(model, step + 1)     # second forward, after_step, epoch end
+
+    Inputs are kept only when a norm asks for a second forward (:func:`wants_second_forward`,
+    read once here); the second forward runs in train mode without gradients, ``forward(model,
+    inputs)`` (default ``model(inputs)``), before the norms' :func:`after_step`; after every
+    ``steps_per_epoch`` steps the norms' :func:`on_epoch_end` runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps_per_epoch: int,
+        forward: Callable[[nn.Module, Tensor], object] | None = None,
+    ) -> None:
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"TrainingHooks: steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        self.steps_per_epoch = steps_per_epoch
+        self.second_forward = wants_second_forward(model)
+        self._forward = forward if forward is not None else (lambda m, x: m(x))
+        self._inputs: list[Tensor] = []
+
+    def record(self, inputs: Tensor) -> None:
+        """Keep a micro-batch's inputs for the second forward (a no-op unless a norm asks for one)."""
+        if self.second_forward:
+            self._inputs.append(inputs.detach())
+
+    def after_step(self, model: nn.Module, done: int) -> None:
+        """After the optimizer step that completes ``done`` steps."""
+        inputs, self._inputs = self._inputs, []
+        if inputs:
+            was_training = model.training
+            model.train()
+            with torch.no_grad(), second_forward(model):
+                for x in inputs:
+                    self._forward(model, x)
+            model.train(was_training)
+        after_step(model)
+        if done % self.steps_per_epoch == 0:
+            on_epoch_end(model)

@@ -3,7 +3,7 @@
 ``plan.json`` holds the grid (each run's config and its hash), the claims with their verdict
 rules, and the environment; it is written before the first run starts, so the rules cannot
 follow the results. ``runs/<cell>-s<seed>/`` is one run directory each (see
-:mod:`normlab.train.trainer`).
+:mod:`normlab.train.rundir`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
 from normlab.studies.plan import ERROR_FILE, load_plan, run_dir
-from normlab.train.logger import read_jsonl
-from normlab.train.loop import METRICS_FILE, RESULT_FILE, summarize, write_json
+from normlab.train.logger import json_safe, read_jsonl, summarize
+from normlab.train.rundir import METRICS_FILE, RESULT_FILE, write_json
 
 VERDICT_MARK = {
     "reproduced": "reproduced",
@@ -388,16 +388,6 @@ def write_report(
         results["plot_note"] = "Plots skipped: matplotlib is not installed (pip install 'normlab[plot]')."
     report = render_markdown(study_dir, results)
     atomic_write_bytes(study_dir / "report.md", report.encode())
-    write_json(study_dir / "results.json", _json_safe(results))
+    write_json(study_dir / "results.json", json_safe(results))
     results["report_path"] = str(study_dir / "report.md")
     return results
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

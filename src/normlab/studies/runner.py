@@ -3,7 +3,7 @@
 Layout of a study directory::
 
     plan.json                  # the grid, the claims and their rules: written before any run
-    runs/<cell>-s<seed>/       # one run directory each (see normlab.train.loop)
+    runs/<cell>-s<seed>/       # one run directory each (see normlab.train.rundir)
     report.md, results.json, plots/*.png
 
 A run is finished when its ``result.json`` exists (written last, atomically). ``--resume``
@@ -40,8 +40,9 @@ from normlab.studies.plan import ERROR_FILE, PLAN_FILE, check_same_plan, make_pl
 from normlab.studies.report import write_report
 from normlab.train.config import config_hash
 from normlab.train.distributed import DEFAULT_DIST_BN, DIST_BN_MODES, DistBN
-from normlab.train.loop import CONFIG_FILE, RESULT_FILE, train, write_json
+from normlab.train.rundir import CONFIG_FILE, RESULT_FILE, write_json
 from normlab.train.tasks import prepare_data
+from normlab.train.trainer import train
 
 
 def _init_worker(threads: int, parent: int) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from normlab.train import distributed
 from normlab.train.config import RunConfig
-from normlab.train.loop import train
+from normlab.train.trainer import train
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -185,6 +186,15 @@ def _device_for_collectives() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def no_buffer_broadcast(ddp: type[nn.Module]) -> dict[str, Any]:
+    """DDP keyword that keeps buffers per rank between the syncs of ``dist_bn`` (by default DDP
+    copies rank 0's buffers at every forward): ``forward_sync_buffers`` from torch 2.13 on,
+    ``broadcast_buffers`` before (deprecated since)."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def shard(

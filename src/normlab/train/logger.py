@@ -19,19 +19,19 @@ from typing import Any, TextIO
 from normlab._atomic import atomic_write_bytes
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe values: non-finite floats become ``None`` (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def dumps(record: Mapping[str, Any]) -> str:
-    return json.dumps(_clean(record), separators=(",", ":"), allow_nan=False)
+    return json.dumps(json_safe(record), separators=(",", ":"), allow_nan=False)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -96,3 +96,62 @@ class JsonlLogger:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class NoLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run directory)."""
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary of a run from its logged records (what the claims are computed from).
+
+    ``final``: the metrics of the last evaluation, or the task's fallback values if the run
+    diverged; ``train_loss``: the mean training loss of the last 10% of the logged steps;
+    ``probe``: the last probe record; ``diverged``; ``steps``: the last step logged.
+    """
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    starts = [r for r in records if r.get("kind") == "start"]
+    diverged = [r for r in records if r.get("kind") == "diverged"]
+    probes = [r for r in records if r.get("kind") == "probe"]
+    fallback: dict[str, float] = dict(starts[0].get("fallback", {})) if starts else {}
+    final: dict[str, Any] = {}
+    if diverged:
+        final = dict(fallback)
+    elif evals:
+        final = {k: v for k, v in evals[-1].items() if k not in ("kind", "step")}
+    tail = trains[-max(1, len(trains) // 10) :] if trains else []
+    return {
+        "diverged": bool(diverged),
+        "diverged_at": diverged[0]["step"] if diverged else None,
+        "steps": max((int(r.get("step", 0)) for r in records), default=0),
+        "final": final,
+        "train_loss": (sum(float(r["loss"]) for r in tail) / len(tail)) if tail else None,
+        "probe": {k: v for k, v in probes[-1].items() if k not in ("kind", "step")} if probes else {},
+    }
+
+
+def open_tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError(
+            "tensorboard logging needs the tensorboard package: pip install tensorboard"
+        ) from err
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""What the training loop needs from a task: a model, batch ``step``, a loss, an evaluation.
+"""What the Trainer needs from a task: a model, batch ``step``, a loss, an evaluation, an epoch length.
 
 Every batch is a pure function of ``(seed, step)`` (language models: random windows from a
 generator seeded by both; images: epoch permutations seeded by ``(seed, epoch)``), so the data
@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from normlab.data.images import ImageSet, epoch_order, load_images, subset
 from normlab.data.text import TextCorpus, lm_batch, lm_eval_batches, load_corpus
 from normlab.models import GPT, ConvNet
-from normlab.norms import BatchLayerNorm, MemorizedBatchNorm, bln_new_epoch, double_forward_pass
 from normlab.train.config import ImageTask, LMTask, RunConfig
 from normlab.train.probes import get_probe
 
@@ -45,7 +44,8 @@ class TaskRuntime(Protocol):
     def build_model(self) -> nn.Module: ...
     def batch(self, step: int) -> Batch: ...
     def loss(self, model: nn.Module, batch: Batch) -> Tensor: ...
-    def after_step(self, model: nn.Module, done: int) -> None: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
     def probe(self, model: nn.Module) -> dict[str, Any]: ...
     def fallback(self) -> dict[str, float]: ...
@@ -80,8 +80,11 @@ class LMRuntime:
         loss: Tensor = model(batch[0], batch[1]).loss
         return loss
 
-    def after_step(self, model: nn.Module, done: int) -> None:
-        """Nothing: no language-model norm needs a procedure outside the forward pass."""
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one pass over the training tokens (windows are drawn at random, so an epoch
+        is a count: the norms' ``on_epoch_end`` runs after each)."""
+        return max(1, len(self.corpus.train) // (self.batch_size * self.task.block_size))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -109,17 +112,9 @@ class LMRuntime:
 class ImageRuntime:
     """:class:`~normlab.train.config.ImageTask` on a loaded :class:`~normlab.data.ImageSet`.
 
-    Norms whose paper prescribes a procedure outside the forward pass get it in
-    :meth:`after_step`, keyed on the layers the model holds (nothing changes for other models):
-
-    - :class:`~normlab.norms.BatchLayerNorm` (Ziaee & Cano 2022, arXiv:2209.08898): the epoch is
-      closed (:func:`~normlab.norms.bln_new_epoch`) after the last step of every epoch, as the
-      official Keras callback does, so eval uses the statistics of the last whole epoch (a run
-      should last whole epochs: before the first epoch closes, BLN's moving statistics are zero).
-    - :class:`~normlab.norms.MemorizedBatchNorm` built with ``double_forward=True`` (Guo et al.
-      2018, arXiv:2010.04947): after each optimizer step, the second forward of the step's
-      micro-batches (in train mode, under :func:`~normlab.norms.double_forward_pass`) records
-      their moments under the updated weights.
+    An epoch is a pass over the fixed training subset in the order of :func:`~normlab.data.epoch_order`
+    (the last partial batch dropped); a norm whose paper prescribes work at its end (BLN) gets it
+    from the Trainer's :class:`~normlab.norms.TrainingHooks`, so a run should last whole epochs.
     """
 
     def __init__(self, task: ImageTask, images: ImageSet, *, seed: int, batch_size: int) -> None:
@@ -133,7 +128,6 @@ class ImageRuntime:
         self.y_test = torch.from_numpy(np.asarray(images.y_test)[test_idx])
         self._epoch = -1
         self._order = np.empty(0, dtype=np.int64)
-        self._step_inputs: list[Tensor] = []  # this step's micro-batches, for MBN's second forward
 
     @property
     def steps_per_epoch(self) -> int:
@@ -153,23 +147,7 @@ class ImageRuntime:
         return x, torch.from_numpy(np.asarray(self.images.y_train[idx]))
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        if any(isinstance(m, MemorizedBatchNorm) and m.double_forward for m in model.modules()):
-            self._step_inputs.append(batch[0].detach())
         return F.cross_entropy(model(batch[0]), batch[1])
-
-    def after_step(self, model: nn.Module, done: int) -> None:
-        """After the optimizer step that completes ``done`` steps: MBN's second forward of the
-        step's micro-batches, and BLN's epoch end (see the class docstring)."""
-        inputs, self._step_inputs = self._step_inputs, []
-        if inputs:
-            was_training = model.training
-            model.train()
-            with torch.no_grad(), double_forward_pass(model):
-                for x in inputs:
-                    model(x)
-            model.train(was_training)
-        if done % self.steps_per_epoch == 0 and any(isinstance(m, BatchLayerNorm) for m in model.modules()):
-            bln_new_epoch(model)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -1,0 +1,211 @@
+"""How one run is spread over processes: the Trainer asks its strategy, never ``torch.distributed``.
+
+* :class:`SingleProcess`: the model as it is, every call a local one.
+* :class:`DataParallel`: ``DistributedDataParallel`` over an initialised process group (gloo on
+  CPU, nccl on CUDA), each rank on its slice of the global batch, BatchNorm statistics by
+  ``dist_bn``, faults raised on every rank together (:mod:`normlab.train.distributed`).
+
+A third (FSDP2) implements the same methods. :func:`make_strategy` picks one from the current
+process group.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from normlab.norms import convert_sync
+from normlab.train import distributed
+from normlab.train.config import TrainConfig
+from normlab.train.state import rng_state, seed_everything, set_rng_state
+
+__all__ = ["DataParallel", "SingleProcess", "make_strategy"]
+
+
+class SingleProcess:
+    """One process trains the whole model on the whole batch."""
+
+    ctx: distributed.Context | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run directory."""
+        return self.ctx is None or self.ctx.is_main
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse a configuration this strategy cannot train (before anything is written)."""
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        """The model to train, before the optimizer is built (its parameters are the optimizer's)."""
+        return net
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """What the forward and backward run through."""
+        return net
+
+    def shard(self, batch: tuple[Tensor, Tensor], accum_steps: int) -> tuple[Tensor, Tensor]:
+        """This process's part of a step's global batch."""
+        return batch
+
+    def step_losses(self, value: float, error: Exception | None, step: int) -> list[float]:
+        """Every process's loss of a micro-batch (raising the error of a process that failed)."""
+        if error is not None:
+            raise error
+        return [value]
+
+    def raise_together(self, error: BaseException | None, what: str) -> None:
+        """Raise ``error`` (on every process, if any failed ``what``)."""
+        if error is not None:
+            raise error
+
+    def agree_on_start(self, start: int, run_dir: Path) -> None:
+        """Check that every process resumes from the same step."""
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint that this strategy cannot continue."""
+
+    def restore_rng(self, state: dict[str, Any], seed: int) -> None:
+        """The random state of a resumed run."""
+        set_rng_state(state["rng"])
+
+    def fresh_rng(self, seed: int) -> None:
+        """The random state of a fresh run, after the model is built."""
+
+    def gather_rng(self) -> list[dict[str, Any]] | None:
+        """Every process's random state for the checkpoint (``None``: the main one's suffices)."""
+        return None
+
+    def sync_buffers(self, net: nn.Module) -> None:
+        """Make the running statistics of every process equal (before an evaluation, a checkpoint)."""
+
+    def check_identical(self, net: nn.Module) -> None:
+        """Check that every process holds the same model (at the end)."""
+
+    def record(self) -> dict[str, Any]:
+        """What the logs and results say of the strategy."""
+        return {}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a checkpoint records of the strategy."""
+        return {"dist_bn": None}
+
+    def diverged(self, failed: list[int], step: int, run_dir: Path) -> dict[str, Any]:
+        """The fields of a ``diverged`` record beyond the step and the loss."""
+        return {}
+
+
+class DataParallel(SingleProcess):
+    """``DistributedDataParallel`` over the process group ``ctx``; BatchNorm statistics by ``dist_bn``.
+
+    ``"sync"`` converts BatchNorm to the cross-process :class:`~normlab.norms.CrossBatchNorm`
+    (statistics over the global batch); ``"average"`` / ``"broadcast"`` keep per-rank BatchNorm
+    and average (or copy rank 0's) running statistics before every evaluation and checkpoint.
+    """
+
+    def __init__(
+        self, ctx: distributed.Context, dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN
+    ) -> None:
+        if dist_bn not in distributed.DIST_BN_MODES:
+            raise ValueError(f"train: dist_bn must be one of {distributed.DIST_BN_MODES}, got {dist_bn!r}")
+        self.ctx: distributed.Context = ctx
+        self.dist_bn = dist_bn
+
+    def check(self, cfg: TrainConfig) -> None:
+        if cfg.batch_size % (self.ctx.world_size * cfg.accum_steps):
+            raise ValueError(
+                f"train: batch_size={cfg.batch_size} is not divisible by world_size={self.ctx.world_size} x "
+                f"accum_steps={cfg.accum_steps}; every rank needs an equal slice of the global batch"
+            )
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        return convert_sync(net) if self.dist_bn == "sync" else net  # the same Parameters, global statistics
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel  # imports torch._dynamo: seconds
+
+        return DistributedDataParallel(net, **distributed.no_buffer_broadcast(DistributedDataParallel))
+
+    def shard(self, batch: tuple[Tensor, Tensor], accum_steps: int) -> tuple[Tensor, Tensor]:
+        return distributed.shard(batch, self.ctx, accum_steps=accum_steps)
+
+    def step_losses(self, value: float, error: Exception | None, step: int) -> list[float]:
+        rows = distributed.gather_floats([float(error is not None), value], self.ctx)
+        raised = [r for r, row in enumerate(rows) if row[0]]
+        if error is not None:
+            raise error
+        if raised:
+            names = ", ".join(map(str, raised))
+            raise distributed.RankFailedError(
+                f"train: rank {names} raised an exception at step {step + 1} (see that rank's traceback); "
+                "every rank stops",
+                raised,
+            )
+        return [row[1] for row in rows]
+
+    def raise_together(self, error: BaseException | None, what: str) -> None:
+        distributed.raise_together(error, self.ctx, what)
+
+    def agree_on_start(self, start: int, run_dir: Path) -> None:
+        starts = [int(row[0]) for row in distributed.gather_floats([start], self.ctx)]
+        if len(set(starts)) > 1:
+            raise ValueError(
+                f"train: the ranks resume from different steps {starts} (by rank): every rank must "
+                f"read the same {str(run_dir)!r} (a shared file system on several nodes)"
+            )
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        saved = state["extra"].get("dist_bn")
+        if saved is not None and saved != self.dist_bn:
+            raise ValueError(
+                f"train: {str(path)!r} was trained with dist_bn={saved!r}; resuming it "
+                f"with dist_bn={self.dist_bn!r} would change BatchNorm's statistics mid-run"
+            )
+
+    def restore_rng(self, state: dict[str, Any], seed: int) -> None:
+        ranks = state.get("rank_rng")
+        if ranks is not None and len(ranks) == self.ctx.world_size:
+            set_rng_state(ranks[self.ctx.rank])
+        elif self.ctx.is_main:
+            set_rng_state(state["rng"])
+        else:  # another world size: the run goes on, not bit-exactly
+            seed_everything(distributed.rank_seed(seed + int(state["step"]), self.ctx.rank))
+
+    def fresh_rng(self, seed: int) -> None:
+        if not self.ctx.is_main:
+            seed_everything(distributed.rank_seed(seed, self.ctx.rank))
+
+    def gather_rng(self) -> list[dict[str, Any]] | None:
+        return distributed.gather_objects(rng_state(), self.ctx)
+
+    def sync_buffers(self, net: nn.Module) -> None:
+        distributed.sync_buffers(net, self.dist_bn, self.ctx)
+
+    def check_identical(self, net: nn.Module) -> None:
+        distributed.check_identical(net, self.ctx)
+
+    def record(self) -> dict[str, Any]:
+        return {"world_size": self.ctx.world_size, "dist_bn": self.dist_bn}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"dist_bn": self.dist_bn}
+
+    def diverged(self, failed: list[int], step: int, run_dir: Path) -> dict[str, Any]:
+        if self.ctx.is_main:
+            print(
+                f"normlab.train: non-finite loss on rank {', '.join(map(str, failed))} at step "
+                f"{step + 1}: every rank stops ({run_dir})",
+                file=sys.stderr,
+            )
+        return {"rank": failed[0], "ranks": failed}
+
+
+def make_strategy(dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN) -> SingleProcess:
+    """:class:`DataParallel` when a process group of more than one process is initialised, else
+    :class:`SingleProcess`."""
+    if dist_bn not in distributed.DIST_BN_MODES:
+        raise ValueError(f"train: dist_bn must be one of {distributed.DIST_BN_MODES}, got {dist_bn!r}")
+    ctx = distributed.context()
+    return SingleProcess() if ctx is None else DataParallel(ctx, dist_bn)
