@@ -199,7 +199,9 @@ def make_block_norm(
         )
     unknown = set(spec.needs) - {"layer_idx"} - set(cfg.norm_kwargs)
     if unknown:
-        raise ValueError(f"{where}: it needs {sorted(unknown)}, which a block cannot supply; pass it in norm_kwargs")
+        raise ValueError(
+            f"{where}: it needs {sorted(unknown)}, which a block cannot supply; pass it in norm_kwargs"
+        )
     kwargs = {**cls.block_kwargs(site=site, d_model=cfg.n_embd), **cfg.norm_kwargs}  # type: ignore[attr-defined]
     if "layer_idx" in spec.needs:  # the block's own depth, whatever norm_kwargs say
         kwargs["layer_idx"] = 0 if site == "final" else layer_idx

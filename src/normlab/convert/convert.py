@@ -9,37 +9,26 @@ where they mean the same thing. :func:`revert` undoes it.
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from normlab.convert.detect import TOKEN_KINDS, NormInfo, UnsupportedNormError, read_norm
-from normlab.convert.lns import LNSScale
 from normlab.convert.select import Where, compile_where
 from normlab.norms import NORMS
 from normlab.norms._base import NormMixin, NormSpec
-from normlab.norms.batchless import BatchlessNorm
+from normlab.norms._info import EVAL, EXACT, NEW, ZERO_MEAN, NotConvertibleError
+from normlab.norms.lns import LNSScale
 from normlab.structure import BlockStack, Occurrence, find_blocks, occurrences
 
 __all__ = ["ConversionReport", "Replacement", "Skipped", "convert_norms", "revert"]
 
-EXACT = "exact"
-ZERO_MEAN = "exact on zero-mean inputs"
-EVAL = "exact in eval"
-NEW = "approximate: new function"
-
 
 # options worth a glance in the report's table (the rest is in to_dict())
 _SHOWN_OPTIONS = ("layer_idx", "base", "num_groups", "channels_first")
-
-
-class _RefusedError(Exception):
-    """A conversion that cannot be done; the message says why."""
 
 
 @dataclass
@@ -227,126 +216,33 @@ def _placement(module: nn.Module, model: nn.Module) -> tuple[torch.device | None
 # Building one replacement
 
 
-def _signature(cls: type[nn.Module]) -> Mapping[str, inspect.Parameter]:
-    return inspect.signature(cls.__init__).parameters
-
-
 def _build_kwargs(
     info: NormInfo,
-    target: str,
     cls: type[nn.Module],
     depth: int | None,
     name: str,
     stack: BlockStack | None,
     norm_kwargs: Mapping[str, Any],
 ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+    """The target's own mirror of ``info`` (its ``convert_kwargs``), the context it needs (its
+    block's depth), then the caller's options."""
     spec: NormSpec = cls.spec  # type: ignore[attr-defined]
-    sig = _signature(cls)
-    kw: dict[str, Any] = {}
-    # Layout: the new norm must normalize the same dimension as the old one.
-    where_src = "dimension 1 of (N, C, *) inputs" if info.channels_first else "the last dimension"
-    if spec.layout == "channel":
-        if "channels_first" in sig:
-            kw["channels_first"] = info.channels_first
-        elif not info.channels_first:
-            raise _RefusedError(
-                f"{cls.__name__} normalizes dimension 1 of (N, C, *) inputs, {info.source} {where_src}"
-            )
-    elif info.channels_first:
-        if "channels_first" not in sig:
-            raise _RefusedError(f"{cls.__name__} normalizes the last dimension, {info.source} {where_src}")
-        kw["channels_first"] = True
-    if len(info.shape) > 1 and target not in ("layernorm", "rmsnorm"):
-        raise _RefusedError(
-            f"{info.source} normalizes over {len(info.shape)} trailing dimensions {info.shape}; "
-            f"{cls.__name__} takes a single feature dimension"
-        )
-    features: int | tuple[int, ...] = info.shape if len(info.shape) > 1 else info.shape[0]
-    # eps keeps its meaning across LayerNorm/RMSNorm/BatchNorm/GroupNorm (added to a variance)
-    if "eps" in sig and info.kind not in ("pointwise", "identity", "batchless", "other"):
-        if info.eps is not None:
-            kw["eps"] = info.eps
-        elif target in ("rmsnorm",):
-            kw["eps"] = None  # torch.nn.RMSNorm's default: finfo(dtype).eps at run time
-    if target == "rmsnorm" and info.kind == "rmsnorm":
-        if info.eps_mode != "inside":
-            kw["eps_mode"] = info.eps_mode
-        if info.p is not None:
-            kw["p"] = info.p
-    has_weight = info.weight is not None
-    if info.kind == "identity":
-        has_weight = True  # nothing to mirror: the target keeps its own default affine
-    affine_key = (
-        "elementwise_affine" if "elementwise_affine" in sig else "affine" if "affine" in sig else None
-    )
-    if affine_key is not None and not has_weight:
-        kw[affine_key] = False
-    if target == "lns":
-        base = norm_kwargs.get("base")
-        if base is None:
-            rms_like = info.kind == "rmsnorm" or (info.kind == "lns" and "rmsnorm" in info.note)
-            base = "rmsnorm" if rms_like else "layernorm"
-        kw["base"] = base
-    if "bias" in sig and has_weight and info.kind != "identity":
-        default_bias = sig["bias"].default
-        if target == "lns":
-            default_bias = kw["base"] == "layernorm"
-        # mirror the source, but never add a bias the target has none of by default (RMSNorm)
-        kw["bias"] = bool(info.bias is not None) if default_bias else False
-    if info.kind in ("batchnorm", "instancenorm") and spec.running_stats:
-        if "momentum" in sig:
-            kw["momentum"] = info.momentum
-        if "track_running_stats" in sig:
-            kw["track_running_stats"] = info.track_running_stats
-    if "num_groups" in sig and "num_groups" not in norm_kwargs:
-        if info.kind == "groupnorm" and info.num_groups is not None:
-            kw["num_groups"] = info.num_groups
-        else:
-            default = sig["num_groups"].default
-            if isinstance(default, int) and isinstance(features, int):
-                # the paper's 32 groups where they divide the channels, else the largest divisor below
-                kw["num_groups"] = math.gcd(default, features)
+    features, kw = cls.convert_kwargs(info, options=norm_kwargs)  # type: ignore[attr-defined]
     for need in spec.needs:
         if need in norm_kwargs:
             continue
         if need == "layer_idx":
             if depth is None:
                 where_blocks = f"the block stack {stack.name!r}" if stack is not None else "a block stack"
-                raise _RefusedError(
+                raise NotConvertibleError(
                     f"{cls.__name__} needs layer_idx (the index of its block), and {name!r} is not inside "
                     f"{where_blocks}; leave it out with where=, or pass layer_idx="
                 )
             kw["layer_idx"] = depth
         else:
-            raise _RefusedError(f"{cls.__name__} needs {need!r}; pass it as a keyword argument")
+            raise NotConvertibleError(f"{cls.__name__} needs {need!r}; pass it as a keyword argument")
     kw.update(norm_kwargs)
     return features, kw
-
-
-def _relation(info: NormInfo, target: str, kw: Mapping[str, Any], depth: int | None) -> str:
-    src = info.kind
-    lns_base = kw.get("base") if target == "lns" else None
-    if src == "lns" and target in ("layernorm", "rmsnorm"):
-        base = "rmsnorm" if "rmsnorm" in info.note else "layernorm"
-        if base == target and (info.weight is not None or info.scale == 1.0):
-            return EXACT
-        return ZERO_MEAN if info.weight is not None or info.scale == 1.0 else NEW
-    if src in ("layernorm", "rmsnorm") and target == src:
-        return EXACT
-    if src in ("layernorm", "rmsnorm") and target in ("layernorm", "rmsnorm"):
-        return ZERO_MEAN
-    if src in ("layernorm", "rmsnorm") and target == "lns":
-        base = EXACT if lns_base == src else ZERO_MEAN
-        return base if kw.get("layer_idx") == 0 else f"{base}, then x 1/sqrt(layer_idx + 1)"
-    if src == "batchnorm" and target in ("batchnorm", "crossbn"):
-        return EXACT
-    if src == "batchnorm" and target == "batchless":
-        return EVAL if info.running_mean is not None and info.running_var is not None else NEW
-    if src == "batchless" and target in ("batchnorm", "crossbn"):
-        return EVAL
-    if src == target and src in ("groupnorm", "instancenorm"):
-        return EXACT if kw.get("num_groups", info.num_groups) == info.num_groups else NEW
-    return NEW
 
 
 def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
@@ -365,7 +261,7 @@ def _describe_init(t: Tensor) -> str:
     return "init"
 
 
-def _transfer(info: NormInfo, new: nn.Module, target: str, rec: Replacement, copy_affine: bool) -> None:
+def _transfer(info: NormInfo, new: nn.Module, rec: Replacement, copy_affine: bool) -> None:
     """Carry the source's state into ``new`` and record what went where."""
     src = info.module
     handled: set[str] = set()
@@ -398,28 +294,19 @@ def _transfer(info: NormInfo, new: nn.Module, target: str, rec: Replacement, cop
         b = info.bias if info.scale == 1.0 else info.effective_bias()
         carry("bias", b, "bias", None if info.scale == 1.0 else f"bias x {info.scale:.6g}")
     # Statistics carry regardless of copy_affine: they describe the data, not learned affine.
-    if info.kind == "batchnorm":
-        if target == "batchless" and info.running_mean is not None and info.running_var is not None:
-            assert isinstance(new, BatchlessNorm) and info.eps is not None
-            with torch.no_grad():
-                new.set_statistics(
-                    info.running_mean.detach(), (info.running_var.detach().double() + info.eps).sqrt()
-                )
-            rec.copied["mean"] = "running_mean"
-            rec.copied[new.std_param_name] = "sqrt(running_var + eps)"
-            handled.update(("mean", new.std_param_name))
+    for stat, value, expr, transformed in cast(NormMixin, new).statistics_from(info):
+        if value is None:  # the norm set it itself
+            rec.copied[stat] = expr
+            handled.add(stat)
+        elif transformed:
+            current = getattr(new, stat, None)
+            if isinstance(current, Tensor) and tuple(current.shape) == tuple(value.shape):
+                with torch.no_grad():
+                    current.copy_(value)
+                rec.copied[stat] = expr
+                handled.add(stat)
         else:
-            for stat in ("running_mean", "running_var", "num_batches_tracked"):
-                carry(stat, getattr(info, stat), stat, None)
-    elif info.kind == "batchless" and isinstance(getattr(new, "running_var", None), Tensor):
-        mean, std = info.extra["mean"], info.extra["std"]
-        eps = float(getattr(new, "eps", 0.0))
-        with torch.no_grad():
-            new.running_mean.copy_(mean.detach())  # type: ignore[operator]
-            new.running_var.copy_((std.detach().double().square() - eps).clamp_min(0.0))  # type: ignore[operator]
-        rec.copied["running_mean"] = "mean"
-        rec.copied["running_var"] = "std^2 - eps"
-        handled.update(("running_mean", "running_var"))
+            carry(stat, value, expr, None)
     # what the new module initialised itself, and what of the source found no home
     for pname, p in new.named_parameters(recurse=False):
         if pname not in handled:
@@ -447,7 +334,6 @@ def _transfer(info: NormInfo, new: nn.Module, target: str, rec: Replacement, cop
 
 def _make(
     info: NormInfo,
-    target: str,
     cls: type[nn.Module],
     occ: Occurrence,
     depth: int | None,
@@ -456,17 +342,13 @@ def _make(
     copy_affine: bool,
     norm_kwargs: Mapping[str, Any],
 ) -> Replacement:
-    if target == "lns" and any(isinstance(h, LNSScale) for h in info.module._forward_hooks.values()):
-        raise _RefusedError(
-            "it is already scaled by apply_layernorm_scaling; call remove_layernorm_scaling first"
-        )
-    features, kw = _build_kwargs(info, target, cls, depth, occ.name, stack, norm_kwargs)
+    features, kw = _build_kwargs(info, cls, depth, occ.name, stack, norm_kwargs)
     device, dtype = _placement(info.module, model)
     try:
         new = cls(features, **kw, device=device, dtype=dtype)
     except (TypeError, ValueError) as e:
-        raise _RefusedError(f"building {cls.__name__}({features!r}, {kw}) failed: {e}") from e
-    relation = _relation(info, target, kw, depth)
+        raise NotConvertibleError(f"building {cls.__name__}({features!r}, {kw}) failed: {e}") from e
+    relation: str = cls.conversion_relation(info, kw)  # type: ignore[attr-defined]
     if not copy_affine and (info.weight is not None or info.bias is not None):
         relation = NEW + " (affine not copied)"
     for key in ("eps", "eps_mode"):
@@ -483,7 +365,7 @@ def _make(
         new_module=new,
         slots=list(occ.slots),
     )
-    _transfer(info, new, target, rec, copy_affine)
+    _transfer(info, new, rec, copy_affine)
     if "bias" in rec.dropped and relation in (EXACT, ZERO_MEAN, EVAL):
         rec.relation = NEW + " (bias dropped)"
     if info.note:
@@ -613,8 +495,8 @@ def convert_norms(
             continue
         depth = None if stack is None else stack.depth_of(occ.name)
         try:
-            rec = _make(info, target, cls, occ, depth, stack, model, copy_affine, norm_kwargs)
-        except _RefusedError as e:
+            rec = _make(info, cls, occ, depth, stack, model, copy_affine, norm_kwargs)
+        except NotConvertibleError as e:
             if strict:
                 failures.append(f"{info.source} {occ.name!r}: {e}")
             else:

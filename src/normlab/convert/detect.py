@@ -14,118 +14,23 @@ convention (``w`` vs ``1 + w``) is tried, else the module is refused with the di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Literal, cast
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.norms._base import NormMixin
-from normlab.norms._pointwise import PointwiseNorm
+from normlab.norms._info import TOKEN_KINDS, NormInfo, running_stats_info
 from normlab.norms.batch_norm import BatchNorm
-from normlab.norms.batchless import BatchlessNorm
 from normlab.norms.cross_bn import CrossBatchNorm
-from normlab.norms.group_norm import GroupNorm
-from normlab.norms.identity import Identity
-from normlab.norms.instance_norm import InstanceNorm
-from normlab.norms.layer_norm import LayerNorm
-from normlab.norms.lns import LayerNormScaling
-from normlab.norms.rms_norm import RMSNorm
-
-Kind = Literal[
-    "layernorm",
-    "rmsnorm",
-    "lns",
-    "pointwise",
-    "batchnorm",
-    "groupnorm",
-    "instancenorm",
-    "batchless",
-    "identity",
-    "other",
-]
-# Kinds that normalize each token over its features: what LayerNorm-family targets replace.
-TOKEN_KINDS: frozenset[str] = frozenset({"layernorm", "rmsnorm", "lns", "pointwise"})
 
 __all__ = ["TOKEN_KINDS", "NormInfo", "UnsupportedNormError", "is_batchnorm", "read_norm"]
 
 
 class UnsupportedNormError(Exception):
     """A module that looks like a norm but cannot be read; the message says why."""
-
-
-@dataclass(frozen=True, eq=False)
-class NormInfo:
-    """What a norm computes, read from a module of any library.
-
-    ``weight``/``bias`` and the statistics are the module's own tensors (Parameters or buffers),
-    not copies. The weight the formula uses is :meth:`effective_weight`: ``(weight + offset)``
-    (``offset = 1`` for Gemma's ``x * (1 + w)``), times ``scale`` (LNS's ``1/sqrt(l+1)``).
-    """
-
-    kind: Kind
-    module: nn.Module
-    shape: tuple[int, ...]
-    channels_first: bool = False
-    eps: float | None = None
-    weight: Tensor | None = None
-    bias: Tensor | None = None
-    weight_offset: float = 0.0
-    scale: float = 1.0
-    eps_mode: str = "inside"
-    p: float | None = None
-    num_groups: int | None = None
-    momentum: float | None = 0.1
-    track_running_stats: bool = False
-    running_mean: Tensor | None = None
-    running_var: Tensor | None = None
-    num_batches_tracked: Tensor | None = None
-    extra: dict[str, Tensor] = field(default_factory=dict)
-    foreign: bool = False
-    note: str = ""
-
-    @property
-    def source(self) -> str:
-        return type(self.module).__name__
-
-    @property
-    def num_features(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def layout(self) -> str:
-        """``"channel"`` (features in dimension 1 of ``(N, C, *)``) or ``"last"``."""
-        return "channel" if self.channels_first else "last"
-
-    def module_dtype(self) -> torch.dtype:
-        """The dtype of the module's first floating tensor (float32 if it has none)."""
-        t = next(
-            (t for t in (*self.module.parameters(), *self.module.buffers()) if t.is_floating_point()), None
-        )
-        return torch.float32 if t is None else t.dtype
-
-    def weight_transform(self) -> str | None:
-        """How the stored weight becomes the effective one, or ``None`` when it is used as stored."""
-        expr = f"{self.weight_offset:g} + weight" if self.weight_offset else "weight"
-        if self.scale != 1.0:
-            expr = f"({expr}) x {self.scale:.6g}" if self.weight_offset else f"{expr} x {self.scale:.6g}"
-        return None if expr == "weight" else expr
-
-    def effective_weight(self) -> Tensor | None:
-        if self.weight is None:
-            return None
-        w = self.weight.detach()
-        if self.weight_offset:
-            w = w + self.weight_offset
-        return w * self.scale if self.scale != 1.0 else w
-
-    def effective_bias(self) -> Tensor | None:
-        if self.bias is None:
-            return None
-        b = self.bias.detach()
-        return b * self.scale if self.scale != 1.0 else b
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,25 +93,7 @@ def _batchnorm_info(module: nn.Module) -> NormInfo:
             foreign=True,
             note="frozen: weight and bias are buffers",
         )
-    return _running_stats_info("batchnorm", module)  # type: ignore[arg-type]
-
-
-def _running_stats_info(kind: Literal["batchnorm", "instancenorm"], module: _NormBase) -> NormInfo:
-    """The fields of torch's ``_NormBase`` (BatchNorm and InstanceNorm alike)."""
-    return NormInfo(
-        kind,
-        module,
-        (module.num_features,),
-        channels_first=True,
-        eps=float(module.eps),
-        weight=module.weight,
-        bias=module.bias,
-        momentum=module.momentum,
-        track_running_stats=module.track_running_stats,
-        running_mean=module.running_mean,
-        running_var=module.running_var,
-        num_batches_tracked=module.num_batches_tracked,
-    )
+    return running_stats_info("batchnorm", module)
 
 
 def _shape(value: object) -> tuple[int, ...]:
@@ -214,50 +101,22 @@ def _shape(value: object) -> tuple[int, ...]:
 
 
 def _known(module: nn.Module) -> NormInfo | None:
-    """Read a torch or normlab norm; ``None`` if the class is not one of them."""
+    """Read a torch or normlab norm (a normlab norm reads itself: ``norm_info``); ``None`` if the
+    class is not one of them."""
     t = type(module)
     if is_batchnorm(module) and not _is_foreign_frozen_bn(module):
         return _batchnorm_info(module)
-    if t is LayerNormScaling:
-        lns: LayerNormScaling = module  # type: ignore[assignment]
-        kind: Kind = "layernorm" if lns.base == "layernorm" else "rmsnorm"
-        return NormInfo(
-            "lns",
-            module,
-            (lns.num_features,),
-            eps=lns.eps,
-            weight=lns.weight,
-            bias=lns.bias,
-            scale=lns.scale,
-            note=f"base={kind}, layer_idx={lns.layer_idx}",
-        )
-    if t in (nn.LayerNorm, LayerNorm):
+    if isinstance(module, NormMixin):
+        return module.norm_info()
+    if t is nn.LayerNorm:
         ln: nn.LayerNorm = module  # type: ignore[assignment]
         return NormInfo(
-            "layernorm",
-            module,
-            tuple(ln.normalized_shape),
-            channels_first=bool(getattr(ln, "channels_first", False)),
-            eps=float(ln.eps),
-            weight=ln.weight,
-            bias=ln.bias,
+            "layernorm", module, tuple(ln.normalized_shape), eps=float(ln.eps), weight=ln.weight, bias=ln.bias
         )
-    if t in (nn.RMSNorm, RMSNorm):
+    if t is nn.RMSNorm:
         rms: nn.RMSNorm = module  # type: ignore[assignment]
-        return NormInfo(
-            "rmsnorm",
-            module,
-            tuple(rms.normalized_shape),
-            channels_first=bool(getattr(rms, "channels_first", False)),
-            eps=rms.eps,
-            weight=rms.weight,
-            bias=_param(rms, "bias"),
-            eps_mode=getattr(rms, "eps_mode", "inside"),
-            p=getattr(rms, "p", None),
-        )
-    if t in (nn.GroupNorm, GroupNorm) or (
-        isinstance(module, nn.GroupNorm) and t.__name__ in ("GroupNorm", "GroupNorm1")
-    ):
+        return NormInfo("rmsnorm", module, tuple(rms.normalized_shape), eps=rms.eps, weight=rms.weight)
+    if t is nn.GroupNorm or (isinstance(module, nn.GroupNorm) and t.__name__ in ("GroupNorm", "GroupNorm1")):
         gn: nn.GroupNorm = module  # type: ignore[assignment]
         return NormInfo(
             "groupnorm",
@@ -268,50 +127,10 @@ def _known(module: nn.Module) -> NormInfo | None:
             weight=gn.weight,
             bias=gn.bias,
             num_groups=gn.num_groups,
-            foreign=t not in (nn.GroupNorm, GroupNorm),
+            foreign=t is not nn.GroupNorm,
         )
-    if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, InstanceNorm):
-        return _running_stats_info("instancenorm", module)  # type: ignore[arg-type]
-    if isinstance(module, PointwiseNorm):
-        extra: dict[str, Tensor] = {
-            n: p for n, p in module.named_parameters(recurse=False) if n not in ("weight", "bias")
-        }
-        return NormInfo(
-            "pointwise",
-            module,
-            (module.num_features,),
-            channels_first=module.channels_first,
-            weight=module.weight,
-            bias=module.bias,
-            extra=extra,
-        )
-    if t is BatchlessNorm:
-        bl: BatchlessNorm = module  # type: ignore[assignment]
-        return NormInfo(
-            "batchless",
-            module,
-            (bl.num_features,),
-            channels_first=bl.channels_first,
-            eps=bl.eps,
-            weight=bl.weight,
-            bias=bl.bias,
-            extra={"mean": bl.mean, "std": bl.std_value()},
-        )
-    if t is Identity:
-        ident = cast(Identity, module)
-        return NormInfo("identity", module, (ident.num_features,), channels_first=ident.channels_first)
-    if isinstance(module, NormMixin):
-        # Any other normlab norm: its features, layout and affine; what it computes is its own.
-        w, b = _param(module, "weight"), _param(module, "bias")
-        return NormInfo(
-            "other",
-            module,
-            (module.num_features,),
-            channels_first=module.channel_dim == 1,
-            eps=getattr(module, "eps", None) if isinstance(getattr(module, "eps", None), float) else None,
-            weight=w if isinstance(w, nn.Parameter) else None,
-            bias=b if isinstance(b, nn.Parameter) else None,
-        )
+    if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+        return running_stats_info("instancenorm", module)
     return None
 
 

@@ -13,28 +13,14 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import nn
 
 from normlab.blocks.lns import LNSBlock
 from normlab.blocks.pre import PreLNBlock
-from normlab.norms.lns import LayerNormScaling
+from normlab.norms.lns import LayerNormScaling, LNSScale
 from normlab.structure import find_blocks
 
 __all__ = ["LNSScale", "apply_layernorm_scaling", "pre_norm_names", "remove_layernorm_scaling"]
-
-
-class LNSScale:
-    """Forward hook multiplying a norm's output by ``scale = 1/sqrt(layer_idx + 1)``."""
-
-    def __init__(self, layer_idx: int) -> None:
-        self.layer_idx = layer_idx
-        self.scale = 1.0 / math.sqrt(layer_idx + 1)
-
-    def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor:
-        return output * self.scale
-
-    def __repr__(self) -> str:
-        return f"LNSScale(layer_idx={self.layer_idx}, scale={self.scale:.4f})"
 
 
 # Decoder layers whose FFN norm is applied to the sublayer *output* (sandwich / Peri-LN:

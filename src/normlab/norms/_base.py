@@ -8,14 +8,16 @@ test-suite reads the spec to build inputs, so a new norm is tested without furth
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn, TypeVar, overload
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar, cast, overload
 
 import torch
 from torch import Tensor, nn
 
+from normlab.norms._info import NEW, NormInfo, NotConvertibleError
 from normlab.registry import Registry
 
 Layout = Literal["last", "channel"]
@@ -49,6 +51,7 @@ class NormSpec:
         lazy_buffers: some buffers are empty until the first training input sets their shape
             (BLN's per-position statistics), so a compiled module traces one more graph, per
             dtype, at its first training call.
+        normalized_shape: ``num_features`` may be a tuple of trailing sizes (LayerNorm, RMSNorm).
         embed_scale: a transformer built with this norm scales its token embeddings by a learned
             scalar initialised to ``sqrt(d)`` (the DyT LLaMA recipe, also Derf's GPT-2): the
             statistics-free norms, whose output follows the scale of their input.
@@ -70,6 +73,7 @@ class NormSpec:
     aux_params: tuple[str, ...] = ()
     lazy_buffers: bool = False
     embed_scale: bool = False
+    normalized_shape: bool = False
     fp32_tolerance: float = 1.0
 
 
@@ -90,6 +94,121 @@ class NormMixin:
         if self.spec.layout == "channel" or getattr(self, "channels_first", False):
             return 1
         return -1
+
+    # ---- Conversion (normlab.convert): reading this norm, and mirroring another ----
+
+    def norm_info(self) -> NormInfo:
+        """What this norm computes, for conversion. The generic reading, for a norm whose function is
+        its own: features, layout, a float ``eps`` and the ``weight``/``bias`` Parameters."""
+        w, b = getattr(self, "weight", None), getattr(self, "bias", None)
+        eps = getattr(self, "eps", None)
+        return NormInfo(
+            "other",
+            cast(nn.Module, self),
+            (self.num_features,),
+            channels_first=self.channel_dim == 1,
+            eps=eps if isinstance(eps, float) else None,
+            weight=w if isinstance(w, nn.Parameter) else None,
+            bias=b if isinstance(b, nn.Parameter) else None,
+        )
+
+    @classmethod
+    def convert_kwargs(
+        cls, info: NormInfo, *, options: Mapping[str, Any]
+    ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+        """``(num_features, keyword arguments)`` that build this norm to mirror the norm ``info``
+        describes: its layout, eps, affine flags and, for running statistics, momentum and
+        ``track_running_stats``; ``options`` are the caller's (they win afterwards, and a norm
+        reads them for choices of its own, e.g. ``num_groups``). Read from this class's
+        constructor signature; a norm with options of its own extends it.
+
+        Raises:
+            NotConvertibleError: the two cannot normalize the same dimensions.
+        """
+        return cls._mirror_kwargs(info, options)
+
+    @classmethod
+    def _mirror_kwargs(
+        cls, info: NormInfo, options: Mapping[str, Any], *, default_bias: bool | None = None
+    ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+        sig = inspect.signature(cls.__init__).parameters
+        kw: dict[str, Any] = {}
+        where_src = "dimension 1 of (N, C, *) inputs" if info.channels_first else "the last dimension"
+        if cls.spec.layout == "channel":
+            if "channels_first" in sig:
+                kw["channels_first"] = info.channels_first
+            elif not info.channels_first:
+                raise NotConvertibleError(
+                    f"{cls.__name__} normalizes dimension 1 of (N, C, *) inputs, {info.source} {where_src}"
+                )
+        elif info.channels_first:
+            if "channels_first" not in sig:
+                raise NotConvertibleError(
+                    f"{cls.__name__} normalizes the last dimension, {info.source} {where_src}"
+                )
+            kw["channels_first"] = True
+        if len(info.shape) > 1 and not cls.spec.normalized_shape:
+            raise NotConvertibleError(
+                f"{info.source} normalizes over {len(info.shape)} trailing dimensions {info.shape}; "
+                f"{cls.__name__} takes a single feature dimension"
+            )
+        features: int | tuple[int, ...] = info.shape if len(info.shape) > 1 else info.shape[0]
+        # eps keeps its meaning across LayerNorm/RMSNorm/BatchNorm/GroupNorm (added to a variance)
+        if (
+            "eps" in sig
+            and info.kind not in ("pointwise", "identity", "batchless", "other")
+            and info.eps is not None
+        ):
+            kw["eps"] = info.eps
+        has_weight = info.weight is not None or info.kind == "identity"  # identity: nothing to mirror
+        affine_key = (
+            "elementwise_affine" if "elementwise_affine" in sig else "affine" if "affine" in sig else None
+        )
+        if affine_key is not None and not has_weight:
+            kw[affine_key] = False
+        if "bias" in sig and has_weight and info.kind != "identity":
+            default = sig["bias"].default if default_bias is None else default_bias
+            # mirror the source, but never add a bias the target has none of by default (RMSNorm)
+            kw["bias"] = bool(info.bias is not None) if default else False
+        if info.kind in ("batchnorm", "instancenorm") and cls.spec.running_stats:
+            if "momentum" in sig:
+                kw["momentum"] = info.momentum
+            if "track_running_stats" in sig:
+                kw["track_running_stats"] = info.track_running_stats
+        if "num_groups" in sig and "num_groups" not in options:
+            if info.kind == "groupnorm" and info.num_groups is not None:
+                kw["num_groups"] = info.num_groups
+            else:
+                default_groups = sig["num_groups"].default
+                if isinstance(default_groups, int) and isinstance(features, int):
+                    # the paper's 32 groups where they divide the channels, else the largest divisor below
+                    kw["num_groups"] = math.gcd(default_groups, features)
+        return features, kw
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        """How this norm, built with ``kwargs`` to mirror ``info``, computes relative to it: one
+        of ``normlab.norms._info``'s relations. By default a new function."""
+        return NEW
+
+    def statistics_from(self, info: NormInfo) -> list[tuple[str, Tensor | None, str, bool]]:
+        """The statistics this norm takes from the norm ``info`` describes, whatever the affine:
+        ``(tensor name, value, source expression, transformed)``; a ``None`` value was set by the
+        norm itself. By default: a BatchNorm's running statistics as they are, and a Batchless
+        norm's fitted mean and std as ``running_mean`` and ``running_var`` (equal in eval)."""
+        if info.kind == "batchnorm":
+            return [
+                (name, getattr(info, name), name, False)
+                for name in ("running_mean", "running_var", "num_batches_tracked")
+            ]
+        if info.kind == "batchless" and isinstance(getattr(self, "running_var", None), Tensor):
+            eps = float(getattr(self, "eps", 0.0))
+            var = (info.extra["std"].detach().double().square() - eps).clamp_min(0.0)
+            return [
+                ("running_mean", info.extra["mean"].detach(), "mean", True),
+                ("running_var", var, "std^2 - eps", True),
+            ]
+        return []
 
     # ---- Facts a model builder reads (normlab's transformer blocks) ----
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norms._base import Device, DType, NormMixin, affine_parameters, check_num_features, reset_affine
+from normlab.norms._info import NormInfo
 
 # Paper Table 11 (widths 1024..8192, identical for depths 8-64) and Table 10 (13B, width 5120):
 # width -> (alpha0 of the attention DyT, alpha0 of the other DyTs: pre-FFN and final).
@@ -73,6 +74,19 @@ class PointwiseNorm(NormMixin, nn.Module):
         """The DyT LLaMA recipe's per-site ``alpha_init`` (:func:`dyt_alpha_init`): the attention
         row before attention, the other row before the MLP and at the end."""
         return {"alpha_init": dyt_alpha_init(d_model, "attn" if site == "attn" else "other")}
+
+    def norm_info(self) -> NormInfo:
+        """A statistics-free norm: the affine, and its scalars (``alpha``, ...) as ``extra``."""
+        extra = {n: p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")}
+        return NormInfo(
+            "pointwise",
+            self,
+            (self.num_features,),
+            channels_first=self.channels_first,
+            weight=self.weight,
+            bias=self.bias,
+            extra=extra,
+        )
 
     def scalar(self, value: float, device: Device, dtype: DType) -> nn.Parameter:
         """A learned scalar parameter of shape ``(1,)``, as in the official code."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from normlab.norms._base import (
     momentum_factor,
     register_norm,
 )
+from normlab.norms._info import EVAL, EXACT, NEW, NormInfo, running_stats_info
 
 
 @register_norm("batchnorm", aliases=("bn", "batch_norm"))
@@ -94,6 +97,14 @@ class BatchNorm(NormMixin, _BatchNorm):
             torch.zeros((), dtype=torch.long, device=device),
             persistent=False,
         )
+
+    def norm_info(self) -> NormInfo:
+        return running_stats_info("batchnorm", self)
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        # the same function; from Batchless, whose fitted mean and std become the running statistics
+        return {"batchnorm": EXACT, "batchless": EVAL}.get(info.kind, NEW)
 
     def _check_input_dim(self, input: Tensor) -> None:
         self._check_input(input)

@@ -25,6 +25,7 @@ from normlab.norms._base import (
     register_norm,
     reset_affine,
 )
+from normlab.norms._info import EVAL, NEW, NormInfo
 
 StdParametrization = Literal["log", "abs", "inv"]
 # parametrization -> name of the parameter that holds sigma in that form
@@ -272,6 +273,37 @@ class BatchlessNorm(NormMixin, nn.Module):
         if self.gauge:
             nll = nll - (log_std.detach() + 0.5)
         return nll
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo(
+            "batchless",
+            self,
+            (self.num_features,),
+            channels_first=self.channels_first,
+            eps=self.eps,
+            weight=self.weight,
+            bias=self.bias,
+            extra={"mean": self.mean, "std": self.std_value()},
+        )
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        with_stats = info.running_mean is not None and info.running_var is not None
+        return EVAL if info.kind == "batchnorm" and with_stats else NEW
+
+    def statistics_from(self, info: NormInfo) -> list[tuple[str, Tensor | None, str, bool]]:
+        """From a BatchNorm: ``mean = running_mean``, ``std = sqrt(running_var + eps)`` (equal in eval)."""
+        if info.kind != "batchnorm" or info.running_mean is None or info.running_var is None:
+            return super().statistics_from(info)
+        assert info.eps is not None
+        with torch.no_grad():
+            self.set_statistics(
+                info.running_mean.detach(), (info.running_var.detach().double() + info.eps).sqrt()
+            )
+        return [
+            ("mean", None, "running_mean", True),
+            (self.std_param_name, None, "sqrt(running_var + eps)", True),
+        ]
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, std_parametrization={self.std_parametrization!r}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -16,6 +18,7 @@ from normlab.norms._base import (
     check_num_features,
     register_norm,
 )
+from normlab.norms._info import EXACT, NEW, NormInfo
 
 
 @register_norm("groupnorm", aliases=("gn", "group_norm"))
@@ -64,6 +67,23 @@ class GroupNorm(NormMixin, nn.GroupNorm):
             num_groups, num_features, check_eps(owner, eps), affine, device=device, dtype=dtype, bias=bias
         )
         self.num_features = num_features
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo(
+            "groupnorm",
+            self,
+            (self.num_channels,),
+            channels_first=True,
+            eps=float(self.eps),
+            weight=self.weight,
+            bias=self.bias,
+            num_groups=self.num_groups,
+        )
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        same_groups = kwargs.get("num_groups", info.num_groups) == info.num_groups
+        return EXACT if info.kind == "groupnorm" and same_groups else NEW
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

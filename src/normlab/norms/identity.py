@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from normlab.norms._base import Device, DType, NormMixin, NormSpec, check_num_features, register_norm
+from normlab.norms._info import NormInfo
 
 
 @register_norm("identity", aliases=("none", "no_norm"))
@@ -30,6 +31,9 @@ class Identity(NormMixin, nn.Identity):
 
     def reset_parameters(self) -> None:
         """Nothing to reset: kept so every norm answers ``reset_parameters()``."""
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo("identity", self, (self.num_features,), channels_first=self.channels_first)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

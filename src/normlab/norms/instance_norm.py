@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +21,7 @@ from normlab.norms._base import (
     check_num_features,
     register_norm,
 )
+from normlab.norms._info import EXACT, NEW, NormInfo, running_stats_info
 
 
 @register_norm("instancenorm", aliases=("in", "instance_norm"))
@@ -69,6 +72,13 @@ class InstanceNorm(NormMixin, _InstanceNorm):
             dtype=dtype,
             bias=bias,
         )
+
+    def norm_info(self) -> NormInfo:
+        return running_stats_info("instancenorm", self)
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        return EXACT if info.kind == "instancenorm" else NEW
 
     def _check_input_dim(self, input: Tensor) -> None:
         self._check_input(input)

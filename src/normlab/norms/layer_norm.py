@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,6 +18,7 @@ from normlab.norms._base import (
     feature_shape,
     register_norm,
 )
+from normlab.norms._info import NormInfo, row_norm_relation
 
 
 @register_norm("layernorm", aliases=("ln", "layer_norm"))
@@ -39,7 +41,7 @@ class LayerNorm(NormMixin, nn.LayerNorm):
     Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first``; output has the input shape and dtype.
     """
 
-    spec = NormSpec(paper="Ba et al. 2016, arXiv:1607.06450", layout="last")
+    spec = NormSpec(paper="Ba et al. 2016, arXiv:1607.06450", layout="last", normalized_shape=True)
 
     def __init__(
         self,
@@ -65,6 +67,21 @@ class LayerNorm(NormMixin, nn.LayerNorm):
             y = NF.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
             return y.movedim(-1, 1)
         return NF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo(
+            "layernorm",
+            self,
+            tuple(self.normalized_shape),
+            channels_first=self.channels_first,
+            eps=float(self.eps),
+            weight=self.weight,
+            bias=self.bias,
+        )
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        return row_norm_relation(info, "layernorm")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", channels_first=True" if self.channels_first else "")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +21,23 @@ from normlab.norms._base import (
     register_norm,
     reset_affine,
 )
+from normlab.norms._info import EXACT, NEW, ZERO_MEAN, NormInfo, NotConvertibleError
 
 _DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
+
+
+class LNSScale:
+    """Forward hook multiplying a norm's output by ``scale = 1/sqrt(layer_idx + 1)``."""
+
+    def __init__(self, layer_idx: int) -> None:
+        self.layer_idx = layer_idx
+        self.scale = 1.0 / math.sqrt(layer_idx + 1)
+
+    def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor:
+        return output * self.scale
+
+    def __repr__(self) -> str:
+        return f"LNSScale(layer_idx={self.layer_idx}, scale={self.scale:.4f})"
 
 
 @register_norm("lns", aliases=("layernorm_scaling", "layer_norm_scaling"))
@@ -104,6 +120,40 @@ class LayerNormScaling(NormMixin, nn.Module):
         if self.base == "layernorm":
             return NF.layer_norm(x, shape, w, b, self.eps)
         return NF.rms_norm(x, shape, w, b, self.eps)
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo(
+            "lns",
+            self,
+            (self.num_features,),
+            eps=self.eps,
+            weight=self.weight,
+            bias=self.bias,
+            scale=self.scale,
+            base=self.base,
+            note=f"base={self.base}, layer_idx={self.layer_idx}",
+        )
+
+    @classmethod
+    def convert_kwargs(
+        cls, info: NormInfo, *, options: Mapping[str, Any]
+    ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+        if any(isinstance(h, LNSScale) for h in info.module._forward_hooks.values()):
+            raise NotConvertibleError(
+                "it is already scaled by apply_layernorm_scaling; call remove_layernorm_scaling first"
+            )
+        base = options.get("base")
+        if base is None:
+            base = "rmsnorm" if (info.base if info.kind == "lns" else info.kind) == "rmsnorm" else "layernorm"
+        features, kw = cls._mirror_kwargs(info, options, default_bias=base == "layernorm")
+        return features, {**kw, "base": base}
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        if info.kind not in ("layernorm", "rmsnorm"):
+            return NEW
+        base = EXACT if kwargs["base"] == info.kind else ZERO_MEAN
+        return base if kwargs.get("layer_idx") == 0 else f"{base}, then x 1/sqrt(layer_idx + 1)"
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, layer_idx={self.layer_idx}, base={self.base!r}, eps={self.eps}"

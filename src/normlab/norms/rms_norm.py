@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from normlab.norms._base import (
     feature_shape,
     register_norm,
 )
+from normlab.norms._info import NormInfo, row_norm_relation
 
 
 @register_norm("rmsnorm", aliases=("rms", "rms_norm"))
@@ -45,7 +46,7 @@ class RMSNorm(NormMixin, nn.RMSNorm):
     Shape: ``(*, C)``, or ``(N, C, *)`` with ``channels_first``; output has the input shape and dtype.
     """
 
-    spec = NormSpec(paper="Zhang & Sennrich 2019, arXiv:1910.07467", layout="last")
+    spec = NormSpec(paper="Zhang & Sennrich 2019, arXiv:1910.07467", layout="last", normalized_shape=True)
 
     def __init__(
         self,
@@ -96,6 +97,37 @@ class RMSNorm(NormMixin, nn.RMSNorm):
             p=self.p,
         )
         return y.movedim(-1, 1) if self.channels_first else y
+
+    def norm_info(self) -> NormInfo:
+        return NormInfo(
+            "rmsnorm",
+            self,
+            tuple(self.normalized_shape),
+            channels_first=self.channels_first,
+            eps=self.eps,
+            weight=self.weight,
+            bias=self.bias,
+            eps_mode=self.eps_mode,
+            p=self.p,
+        )
+
+    @classmethod
+    def convert_kwargs(
+        cls, info: NormInfo, *, options: Mapping[str, Any]
+    ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
+        features, kw = cls._mirror_kwargs(info, options)
+        if info.kind not in ("pointwise", "identity", "batchless", "other") and info.eps is None:
+            kw["eps"] = None  # torch.nn.RMSNorm's default: finfo(dtype).eps at run time
+        if info.kind == "rmsnorm":
+            if info.eps_mode != "inside":
+                kw["eps_mode"] = info.eps_mode
+            if info.p is not None:
+                kw["p"] = info.p
+        return features, kw
+
+    @classmethod
+    def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
+        return row_norm_relation(info, "rmsnorm")
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
