@@ -83,11 +83,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the study's)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (default 1)")
-    p.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "bible"], help="text corpus")
+    from normlab.data import CORPORA, image_set_names
+
+    p.add_argument("--corpus", default="shakespeare", choices=CORPORA.names(), help="text corpus")
     p.add_argument(
         "--images",
         default="auto",
-        choices=["auto", "fashion-mnist", "mnist5k"],
+        choices=image_set_names(),
         help="image data set (auto: Fashion-MNIST if installed, else MNIST-5k)",
     )
     p.add_argument("--data-dir", help="data directory (default: $NORMLAB_DATA or ~/.cache/normlab)")

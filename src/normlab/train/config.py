@@ -13,11 +13,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from normlab.data.images import IMAGE_SETS
+from torch import nn
+
+from normlab.data.images import image_set_names
 from normlab.data.text import CORPORA
-from normlab.models import ConvNetConfig, GPTConfig
+from normlab.models import MODELS, ConvNetConfig, GPTConfig, ModelEntry
+from normlab.models.zoo import convnet_config, gpt_config
 from normlab.train.schedules import SCHEDULES, ScheduleName
 
 
@@ -104,10 +107,14 @@ class LMTask:
     """Next-token prediction with :class:`normlab.models.GPT` on a real text corpus.
 
     Attributes:
-        corpus: ``"shakespeare"`` or ``"bible"``; ``level``: ``"char"`` or ``"byte"`` tokens.
+        corpus: a registered corpus (``"shakespeare"``, ``"bible"``; ``normlab.data.CORPORA``);
+            ``level``: ``"char"`` or ``"byte"`` tokens.
         block_size: tokens per training window.
-        gpt: :class:`~normlab.models.GPTConfig` fields (``n_layer``, ``norm``, ``placement``,
-            ...); ``vocab_size`` comes from the corpus and ``block_size`` from this task.
+        model: a registered model of language-model tasks (``normlab.models.MODELS``), by
+            default ``"gpt"``, normlab's GPT.
+        gpt: the model's options: for the GPT, :class:`~normlab.models.GPTConfig` fields
+            (``n_layer``, ``norm``, ``placement``, ...); ``vocab_size`` comes from the corpus and
+            ``block_size`` from this task.
         eval_batches, eval_batch_size: the fixed validation windows (evenly spaced over the
             validation split, the same for every seed).
         probes: probes run at the end of training (:mod:`normlab.train.probes`); the default
@@ -117,7 +124,9 @@ class LMTask:
     corpus: str = "shakespeare"
     level: Literal["char", "byte"] = "char"
     block_size: int = 64
+    model: str = "gpt"
     gpt: Mapping[str, Any] = field(default_factory=dict)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     eval_batches: int = 8
     eval_batch_size: int = 32
     probes: tuple[str, ...] = ("residual",)
@@ -125,16 +134,17 @@ class LMTask:
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.corpus not in CORPORA:
-            raise ValueError(f"{owner}: corpus must be one of {CORPORA}, got {self.corpus!r}")
+            raise ValueError(f"{owner}: corpus must be one of {tuple(CORPORA.names())}, got {self.corpus!r}")
         if self.level not in ("char", "byte"):
             raise ValueError(f"{owner}: level must be 'char' or 'byte', got {self.level!r}")
-        for reserved in ("vocab_size", "block_size"):
-            if reserved in self.gpt:
-                raise ValueError(f"{owner}: gpt must not set {reserved!r} (it comes from the data/task)")
-        self.gpt_config(vocab_size=256)  # validate the GPT fields now, with a clear error
+        _model_entry(owner, self.model, "lm").validate(self.gpt)  # now, with a clear error
 
     def gpt_config(self, *, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, **dict(self.gpt))
+        return gpt_config(self.gpt, vocab_size=vocab_size, block_size=self.block_size)
+
+    def build_model(self, *, vocab_size: int) -> nn.Module:
+        """The task's model (``model`` with the options ``gpt``) for a vocabulary of ``vocab_size``."""
+        return MODELS.get(self.model).build(self.gpt, vocab_size=vocab_size, block_size=self.block_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,11 +152,14 @@ class ImageTask:
     """Classification with :class:`normlab.models.ConvNet` on real images.
 
     Attributes:
-        dataset: ``"auto"``, ``"fashion-mnist"`` or ``"mnist5k"`` (see :mod:`normlab.data.images`).
+        dataset: ``"auto"`` or a registered image set (``"fashion-mnist"``, ``"mnist5k"``; see
+            :mod:`normlab.data.images`).
         n_train: train on a fixed subset of this many images (``None``: all).
         n_test: evaluate on a fixed subset of this many test images.
-        convnet: :class:`~normlab.models.ConvNetConfig` fields (``arch``, ``norm``, ...);
-            ``in_channels`` and ``num_classes`` come from the data.
+        model: a registered model of image tasks (``normlab.models.MODELS``), by default
+            ``"convnet"``, normlab's ConvNet.
+        convnet: the model's options: for the ConvNet, :class:`~normlab.models.ConvNetConfig`
+            fields (``arch``, ``norm``, ...); ``in_channels`` and ``num_classes`` come from the data.
         eval_batch_size: images per evaluation forward (eval mode: running statistics).
         probes: probes run at the end of training; the default logs per-layer activation variance.
     """
@@ -154,28 +167,35 @@ class ImageTask:
     dataset: str = "auto"
     n_train: int | None = None
     n_test: int = 2000
+    model: str = "convnet"
     convnet: Mapping[str, Any] = field(default_factory=dict)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     eval_batch_size: int = 500
     probes: tuple[str, ...] = ("activations",)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if self.dataset not in IMAGE_SETS:
-            raise ValueError(f"{owner}: dataset must be one of {IMAGE_SETS}, got {self.dataset!r}")
-        for reserved in ("in_channels", "num_classes"):
-            if reserved in self.convnet:
-                raise ValueError(f"{owner}: convnet must not set {reserved!r} (it comes from the data)")
+        if self.dataset not in image_set_names():
+            raise ValueError(f"{owner}: dataset must be one of {image_set_names()}, got {self.dataset!r}")
         if self.n_train is not None and self.n_train < 1:
             raise ValueError(f"{owner}: n_train must be >= 1 or None, got {self.n_train!r}")
         if self.n_test < 1:
             raise ValueError(f"{owner}: n_test must be >= 1, got {self.n_test!r}")
-        self.convnet_config(in_channels=1, num_classes=10)
+        _model_entry(owner, self.model, "image").validate(self.convnet)
 
     def convnet_config(self, *, in_channels: int, num_classes: int) -> ConvNetConfig:
-        opts = dict(self.convnet)
-        if "widths" in opts:
-            opts["widths"] = tuple(opts["widths"])
-        return ConvNetConfig(in_channels=in_channels, num_classes=num_classes, **opts)
+        return convnet_config(self.convnet, in_channels=in_channels, num_classes=num_classes)
+
+    def build_model(self, *, in_channels: int, num_classes: int) -> nn.Module:
+        """The task's model (``model`` with the options ``convnet``) for the data's shape."""
+        return MODELS.get(self.model).build(self.convnet, in_channels=in_channels, num_classes=num_classes)
+
+
+def _model_entry(owner: str, name: str, kind: str) -> ModelEntry:
+    entry = MODELS.get(name)  # an unknown name fails here, with suggestions
+    if entry.task != kind:
+        raise ValueError(f"{owner}: model {name!r} is a model of {entry.task!r} tasks, not {kind!r}")
+    return entry
 
 
 Task = LMTask | ImageTask
@@ -214,7 +234,13 @@ class RunConfig:
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # fields added since 0.1 are written only when set, so existing configs keep their hash
+        later: tuple[str, ...] = getattr(obj, "ADDED_FIELDS", ())
+        return {
+            f.name: _plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.name in later and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

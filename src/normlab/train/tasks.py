@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from normlab.data.images import ImageSet, epoch_order, load_images, subset
 from normlab.data.text import TextCorpus, lm_batch, lm_eval_batches, load_corpus
-from normlab.models import GPT, ConvNet
 from normlab.train.config import ImageTask, LMTask, RunConfig
 from normlab.train.probes import get_probe
 
@@ -65,7 +64,7 @@ class LMRuntime:
         )
 
     def build_model(self) -> nn.Module:
-        return GPT(self.task.gpt_config(vocab_size=self.corpus.vocab_size))
+        return self.task.build_model(vocab_size=self.corpus.vocab_size)
 
     def batch(self, step: int) -> Batch:
         return lm_batch(
@@ -135,7 +134,7 @@ class ImageRuntime:
 
     def build_model(self) -> nn.Module:
         c, _, _ = self.images.image_shape
-        return ConvNet(self.task.convnet_config(in_channels=c, num_classes=self.images.num_classes))
+        return self.task.build_model(in_channels=c, num_classes=self.images.num_classes)
 
     def batch(self, step: int) -> Batch:
         epoch, pos = divmod(step, self.steps_per_epoch)
