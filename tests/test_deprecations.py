@@ -93,3 +93,12 @@ def test_placement_option_fields_still_build_the_same_blocks() -> None:
         restored = config_from_dict(old_dict)
     assert restored.placement_kwargs == {} and GPT(restored).blocks[0].options == {"alpha": 0.25}
     assert "mixln_alpha" not in config_to_dict(restored)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("ConversionReport", "ConversionSummary"), ("FoldReport", "FoldSummary")]
+)
+def test_conversion_report_classes_are_now_summaries(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=new):
+        cls = getattr(normlab.convert, old)
+    assert cls is getattr(normlab.convert, new)

@@ -30,7 +30,7 @@ from normlab.norms.cross_bn import CrossBatchNorm
 from normlab.structure import find_blocks, occurrences
 
 __all__ = [
-    "FoldReport",
+    "FoldSummary",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -158,7 +158,7 @@ unfreeze = unfreeze_batchnorm
 
 
 @dataclass
-class FoldReport:
+class FoldSummary:
     """What a fold did: ``folded`` maps each folded norm to the layer(s) that absorbed it;
     ``refused`` maps each norm left in place to the reason."""
 
@@ -238,7 +238,7 @@ def _fold_weights(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
             b.copy_((b.double() * scale + shift).to(b.dtype))
 
 
-def fold_batchnorm(model: nn.Module, *, where: Where = None) -> FoldReport:
+def fold_batchnorm(model: nn.Module, *, where: Where = None) -> FoldSummary:
     """Fold every eval-mode BatchNorm into the conv or linear layer that directly feeds it (in place).
 
     For inference. ``W' = W * s``, ``b' = (b - running_mean) * s + beta`` with
@@ -261,7 +261,7 @@ def fold_batchnorm(model: nn.Module, *, where: Where = None) -> FoldReport:
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    report = FoldReport()
+    report = FoldSummary()
     plan: list[tuple[Any, nn.Module, str]] = []
     bad: list[str] = []
     for occ in occ_by_id.values():

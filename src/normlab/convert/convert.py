@@ -24,7 +24,7 @@ from normlab.norms._info import EVAL, EXACT, NEW, ZERO_MEAN, NotConvertibleError
 from normlab.norms.lns import LNSScale
 from normlab.structure import BlockStack, Occurrence, find_blocks, occurrences
 
-__all__ = ["ConversionReport", "Replacement", "Skipped", "convert_norms", "revert"]
+__all__ = ["ConversionSummary", "Replacement", "Skipped", "convert_norms", "revert"]
 
 
 # options worth a glance in the report's table (the rest is in to_dict())
@@ -112,8 +112,8 @@ class Skipped:
 
 
 @dataclass
-class ConversionReport:
-    """What :func:`convert_norms` did (or, with ``dry_run``, would do). ``str(report)`` is a table.
+class ConversionSummary:
+    """What :func:`convert_norms` did (or, with ``dry_run``, would do). ``str(summary)`` is a table.
 
     ``recipe`` holds the call's arguments when they are plain data (a ``where`` given as
     strings or ranges), so that a saved conversion can be re-applied to a fresh model
@@ -398,7 +398,7 @@ def convert_norms(
     strict: bool = True,
     dry_run: bool = False,
     **norm_kwargs: Any,
-) -> ConversionReport:
+) -> ConversionSummary:
     """Replace the normalization modules of ``model`` (in place) by normlab norm ``to``.
 
     ``convert_norms(llama, "dyt")`` turns every LlamaRMSNorm into a :class:`normlab.DyT`;
@@ -446,14 +446,14 @@ def convert_norms(
         **norm_kwargs: options of the target norm, for every replaced module.
 
     Returns:
-        A :class:`ConversionReport`; a second identical call replaces nothing (modules that are
+        A :class:`ConversionSummary`; a second identical call replaces nothing (modules that are
         already ``to`` are skipped).
     """
     target, cls = _resolve_target(to)
     spec: NormSpec = cls.spec  # type: ignore[attr-defined]
     stack = find_blocks(model, required=False)
     select = compile_where(where, stack)
-    report = ConversionReport(
+    report = ConversionSummary(
         to=target, blocks=stack, dry_run=dry_run, recipe=_recipe(target, where, copy_affine, norm_kwargs)
     )
     replaced_prefixes: list[str] = []
@@ -548,7 +548,7 @@ def _recipe(
     return {"to": target, "where": where_plain, "copy_affine": copy_affine, "norm_kwargs": dict(norm_kwargs)}
 
 
-def revert(model: nn.Module, report: ConversionReport) -> nn.Module:
+def revert(model: nn.Module, report: ConversionSummary) -> nn.Module:
     """Undo :func:`convert_norms`: put back the modules it replaced, in every place they were held.
 
     Right after a conversion the model's ``state_dict`` is exactly what it was before. Tensors

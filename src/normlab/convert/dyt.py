@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.blocks.pre import PreLNBlock
-from normlab.convert.batchnorm import FoldReport
+from normlab.convert.batchnorm import FoldSummary
 from normlab.convert.select import Where, compile_where
 from normlab.norms.dyt import DyT
 from normlab.structure import find_blocks, occurrences
@@ -117,7 +117,7 @@ def _fold_into(layer: nn.Module, w: Tensor | None, b: Tensor | None) -> None:
                 bias.copy_((bias.double() + extra).to(bias.dtype))
 
 
-def fold_dyt(model: nn.Module, *, where: Where = None) -> FoldReport:
+def fold_dyt(model: nn.Module, *, where: Where = None) -> FoldSummary:
     """Fold each DyT's ``weight`` and ``bias`` into the linear layers that read its output (in place).
 
     For inference: the DyT becomes ``DyT(elementwise_affine=False)`` (``tanh(alpha x)``, the same
@@ -133,7 +133,7 @@ def fold_dyt(model: nn.Module, *, where: Where = None) -> FoldReport:
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    report = FoldReport()
+    report = FoldSummary()
     for occ in list(occ_by_id.values()):
         dyt = occ.module
         if type(dyt) is not DyT or not any(select(n, dyt) for n in occ.names):
