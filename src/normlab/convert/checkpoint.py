@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from normlab.convert.convert import convert_norms
 from normlab.convert.lns import apply_layernorm_scaling
-from normlab.models.checkpoint import config_from_dict, config_to_dict
+from normlab.models.checkpoint import config_from_dict, config_to_dict, read_payload
 from normlab.models.gpt import GPT
 from normlab.models.hf import hf_model_of_class
 
@@ -76,13 +75,9 @@ def load_converted(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint written by ``normlab convert``; returns ``(model, payload)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"load_converted: no file at {str(path)!r}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"load_converted: {str(path)!r} is not a converted checkpoint (format {found!r})")
+    payload = read_payload(
+        path, FORMAT, owner="load_converted", what="a converted checkpoint", map_location=map_location
+    )
     model = build_source(payload["source"], map_location)
     apply_steps(model, payload["steps"])
     model.load_state_dict(payload["state_dict"])

@@ -60,17 +60,28 @@ def save_checkpoint(
     return atomic_torch_save(payload, path)
 
 
+def read_payload(
+    path: str | os.PathLike[str], fmt: str, *, owner: str, what: str, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """The ``torch.save`` dict at ``path`` (``weights_only``), refusing a missing file or another
+    ``format``; ``owner`` and ``what`` name the caller and the expected kind in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{owner}: no file at {str(path)!r}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{owner}: {str(path)!r} is not {what} (format {found!r})")
+    return payload
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[GPT, dict[str, Any]]:
     """Rebuild the GPT of a checkpoint written by :func:`save_checkpoint`; returns ``(model, extra)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"load_checkpoint: no file at {str(path)!r}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"load_checkpoint: {str(path)!r} is not a normlab GPT checkpoint (format {found!r})")
+    payload = read_payload(
+        path, FORMAT, owner="load_checkpoint", what="a normlab GPT checkpoint", map_location=map_location
+    )
     # built for real, not on the meta device: non-persistent buffers get their init values
     model = GPT(config_from_dict(payload["config"]), device=map_location)
     model.load_state_dict(payload["state_dict"])
