@@ -182,50 +182,16 @@ def run_study(
     options = options or StudyOptions()
     if options.seeds is None:
         options = replace(options, seeds=study.default_seeds)
-    if isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"run_study: jobs must be >= 1, got {jobs!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"run_study: threads must be >= 1, got {threads!r}")
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"run_study: nproc must be an int >= 1, got {nproc!r}")
-    if dist_bn not in DIST_BN_MODES:
-        raise ValueError(f"run_study: dist_bn must be one of {DIST_BN_MODES}, got {dist_bn!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run_study: device {device!r} requested but CUDA is not available here")
-    if tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError as err:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+    _check_settings(
+        jobs=jobs, threads=threads, nproc=nproc, dist_bn=dist_bn, device=device, tensorboard=tensorboard
+    )
     study_dir = Path(out)
     specs = study.specs(options)
     plan = make_plan(study, options, specs)
     plan_path = study_dir / PLAN_FILE
-    if plan_path.exists():
-        if not resume:
-            raise ValueError(
-                f"{study_dir} already holds a study; pass --resume to finish it, or choose another --out"
-            )
-        check_same_plan(json.loads(plan_path.read_text()), plan, study_dir)
-    elif study_dir.exists() and any(study_dir.iterdir()):
-        raise ValueError(f"{study_dir} exists, is not empty and holds no study; choose another --out")
-
+    _claim(study_dir, plan, resume=resume)
     data_dir_s = None if data_dir is None else str(data_dir)
-    seen: set[str] = set()
-    for spec in specs:  # load and cache every data set once, before any run: fail fast
-        task = spec.config.task
-        ident = repr(
-            (
-                spec.config.kind,
-                getattr(task, "corpus", None),
-                getattr(task, "level", None),
-                getattr(task, "dataset", None),
-            )
-        )
-        if ident not in seen:
-            seen.add(ident)
-            echo(f"data: {prepare_data(spec.config, data_dir=data_dir_s)}")
+    _prepare_data(specs, data_dir_s, echo)
     if not plan_path.exists():
         study_dir.mkdir(parents=True, exist_ok=True)
         write_json(plan_path, plan)  # the rules are on disk before the first run starts
@@ -249,54 +215,140 @@ def run_study(
         else:
             echo(f"[{done}/{len(todo)}] {key}: {_brief(summary or {})} ({seconds:.1f} s)")
 
+    jobs_of = [(spec, str(run_dir(study_dir, spec.key))) for spec in todo]
     if nproc > 1:
         per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
-        # threads suffice: each run is a torchrun subprocess
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as launcher:
-            launches = [
-                launcher.submit(
-                    _run_one_distributed,
-                    spec,
-                    str(run_dir(study_dir, spec.key)),
-                    data_dir_s,
-                    device,
-                    nproc,
-                    per_process,
-                    dist_bn,
-                )
-                for spec in todo
-            ]
-            for launched in concurrent.futures.as_completed(launches):
-                report(*launched.result())
+        _run_with_torchrun(jobs_of, report, jobs=jobs, data_dir=data_dir_s, device=device, nproc=nproc,
+                           threads=per_process, dist_bn=dist_bn)  # fmt: skip
     elif jobs == 1 or len(todo) <= 1:
-        previous = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            for spec in todo:
-                report(
-                    *_run_one(
-                        spec, str(run_dir(study_dir, spec.key)), data_dir_s, progress, tensorboard, device
-                    )
-                )
-        finally:
-            torch.set_num_threads(previous)
+        _run_here(jobs_of, report, threads=threads, data_dir=data_dir_s, progress=progress,
+                  tensorboard=tensorboard, device=device)  # fmt: skip
     else:
         per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(per_job, os.getpid())
-        ) as pool:
-            futures = [
-                pool.submit(
-                    _run_one, spec, str(run_dir(study_dir, spec.key)), data_dir_s, False, tensorboard, device
-                )
-                for spec in todo
-            ]
-            for future in concurrent.futures.as_completed(futures):
-                report(*future.result())
+        _run_in_workers(jobs_of, report, jobs=jobs, threads=per_job, data_dir=data_dir_s,
+                        tensorboard=tensorboard, device=device)  # fmt: skip
     echo(f"trained {len(todo)} runs in {time.perf_counter() - t0:.1f} s")
     results = write_report(study_dir, study=study, plots=plots)
     if failures:
         results["failed_runs"] = failures
     return results
+
+
+Jobs = list[tuple[RunSpec, str]]  # each run and its directory
+
+
+def _check_settings(
+    *, jobs: int, threads: int | None, nproc: int, dist_bn: str, device: str, tensorboard: bool
+) -> None:
+    """Refuse settings the runner cannot honour, before anything is written."""
+    if isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"run_study: jobs must be >= 1, got {jobs!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"run_study: threads must be >= 1, got {threads!r}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"run_study: nproc must be an int >= 1, got {nproc!r}")
+    if dist_bn not in DIST_BN_MODES:
+        raise ValueError(f"run_study: dist_bn must be one of {DIST_BN_MODES}, got {dist_bn!r}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run_study: device {device!r} requested but CUDA is not available here")
+    if tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as err:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+
+
+def _claim(study_dir: Path, plan: dict[str, Any], *, resume: bool) -> None:
+    """An empty or absent folder starts a study; one with the same plan resumes (with ``resume``)."""
+    plan_path = study_dir / PLAN_FILE
+    if plan_path.exists():
+        if not resume:
+            raise ValueError(
+                f"{study_dir} already holds a study; pass --resume to finish it, or choose another --out"
+            )
+        check_same_plan(json.loads(plan_path.read_text()), plan, study_dir)
+    elif study_dir.exists() and any(study_dir.iterdir()):
+        raise ValueError(f"{study_dir} exists, is not empty and holds no study; choose another --out")
+
+
+def _prepare_data(specs: list[RunSpec], data_dir: str | None, echo: Callable[[str], None]) -> None:
+    """Load (and cache) every data set of the grid once, before any run: fail fast."""
+    seen: set[str] = set()
+    for spec in specs:
+        task = spec.config.task
+        ident = repr(
+            (
+                spec.config.kind,
+                getattr(task, "corpus", None),
+                getattr(task, "level", None),
+                getattr(task, "dataset", None),
+            )
+        )
+        if ident not in seen:
+            seen.add(ident)
+            echo(f"data: {prepare_data(spec.config, data_dir=data_dir)}")
+
+
+def _run_with_torchrun(
+    todo: Jobs,
+    report: Callable[[str, dict[str, Any] | None, str | None, float], None],
+    *,
+    jobs: int,
+    data_dir: str | None,
+    device: str,
+    nproc: int,
+    threads: int,
+    dist_bn: DistBN,
+) -> None:
+    """Each run a torchrun subprocess of ``nproc`` processes, ``jobs`` at a time (threads suffice)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as launcher:
+        launches = [
+            launcher.submit(_run_one_distributed, spec, directory, data_dir, device, nproc, threads, dist_bn)
+            for spec, directory in todo
+        ]
+        for launched in concurrent.futures.as_completed(launches):
+            report(*launched.result())
+
+
+def _run_here(
+    todo: Jobs,
+    report: Callable[[str, dict[str, Any] | None, str | None, float], None],
+    *,
+    threads: int | None,
+    data_dir: str | None,
+    progress: bool,
+    tensorboard: bool,
+    device: str,
+) -> None:
+    """Every run in this process, one after the other."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for spec, directory in todo:
+            report(*_run_one(spec, directory, data_dir, progress, tensorboard, device))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_in_workers(
+    todo: Jobs,
+    report: Callable[[str, dict[str, Any] | None, str | None, float], None],
+    *,
+    jobs: int,
+    threads: int,
+    data_dir: str | None,
+    tensorboard: bool,
+    device: str,
+) -> None:
+    """``jobs`` spawned worker processes of ``threads`` torch threads each."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid())
+    ) as pool:
+        futures = [
+            pool.submit(_run_one, spec, directory, data_dir, False, tensorboard, device)
+            for spec, directory in todo
+        ]
+        for future in concurrent.futures.as_completed(futures):
+            report(*future.result())
