@@ -458,29 +458,28 @@ def convert_norms(
     )
     replaced_prefixes: list[str] = []
     failures: list[str] = []
+
+    def refuse(names: tuple[str, ...], source: str, kind: str, reason: object) -> None:
+        # strict: collected, then raised with nothing changed; else skipped, with the reason
+        if strict:
+            failures.append(f"{source} {names[0]!r}: {reason}" if names != ("",) else str(reason))
+        else:
+            report.skipped.append(Skipped(names, source, f"{kind}: {reason}"))
+
     if _is_norm(model):  # the root has no parent slot to put a new module in
         reason = "the model itself is a norm module; convert it inside a container (nn.Sequential(norm))"
-        if strict:
-            failures.append(reason)
-        else:
-            report.skipped.append(Skipped(("",), type(model).__name__, f"refused: {reason}"))
+        refuse(("",), type(model).__name__, "refused", reason)
     for occ in occurrences(model).values():
-        if any(n.startswith(p) for n in occ.names for p in replaced_prefixes):
+        names, module = tuple(occ.names), occ.module
+        if any(n.startswith(p) for n in names for p in replaced_prefixes):
             continue
-        module = occ.module
-        if not any(select(n, module) for n in occ.names):
+        if not any(select(n, module) for n in names):
             continue
         try:
             info = read_norm(module)
         except UnsupportedNormError as e:
-            in_family = where is not None or _family_of_unreadable(module) == spec.layout
-            if in_family:
-                if strict:
-                    failures.append(f"{type(module).__name__} {occ.name!r}: {e}")
-                else:
-                    report.skipped.append(
-                        Skipped(tuple(occ.names), type(module).__name__, f"unsupported: {e}")
-                    )
+            if where is not None or _family_of_unreadable(module) == spec.layout:
+                refuse(names, type(module).__name__, "unsupported", e)
             continue
         if info is None:
             continue
@@ -488,36 +487,38 @@ def convert_norms(
             reason = (
                 f"left alone: a {info.kind} is not replaced by {target} by default; select it with where="
             )
-            report.skipped.append(Skipped(tuple(occ.names), info.source, reason))
+            report.skipped.append(Skipped(names, info.source, reason))
             continue
         if type(module) is cls:
-            report.skipped.append(Skipped(tuple(occ.names), info.source, f"already {target}"))
+            report.skipped.append(Skipped(names, info.source, f"already {target}"))
             continue
         depth = None if stack is None else stack.depth_of(occ.name)
         try:
             rec = _make(info, cls, occ, depth, stack, model, copy_affine, norm_kwargs)
         except NotConvertibleError as e:
-            if strict:
-                failures.append(f"{info.source} {occ.name!r}: {e}")
-            else:
-                report.skipped.append(Skipped(tuple(occ.names), info.source, f"refused: {e}"))
+            refuse(names, info.source, "refused", e)
             continue
         report.replaced.append(rec)
-        replaced_prefixes += [n + "." for n in occ.names]
+        replaced_prefixes += [n + "." for n in names]
     if failures:
         raise ValueError(
             f"convert_norms(to={target!r}): cannot convert {len(failures)} module(s), nothing was changed "
             "(strict=False skips them):\n  " + "\n  ".join(failures)
         )
+    _install(report)
+    return report
+
+
+def _install(report: ConversionSummary) -> None:
+    """Put each new module in every slot of the old one (a dry run builds them, installs none)."""
     for rec in report.replaced:
         assert rec.old_module is not None and rec.new_module is not None
-        if dry_run:
+        if report.dry_run:
             rec.new_module = None  # built to check it can be, never installed
             continue
         _move_lns_hooks(rec.old_module, rec.new_module)
         for parent, key in rec.slots:
             parent._modules[key] = rec.new_module
-    return report
 
 
 def _is_norm(module: nn.Module) -> bool:

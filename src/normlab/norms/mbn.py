@@ -25,6 +25,7 @@ from normlab.norms._base import (
     register_norm,
     reset_affine,
 )
+from normlab.norms._training import second_forward
 
 EvalStats = Literal["running", "memory"]
 
@@ -47,16 +48,16 @@ class MemorizedBatchNorm(NormMixin, nn.Module):
     gone). After the step the current moments enter the memory and the oldest leave it.
     ``memory_size=1`` is exactly BatchNorm (outputs, gradients and running statistics).
 
-    Sources and what is verified. No official code exists (spec §10.3, §12.17); searches of
-    the stored public code found none either, only bibliography entries. Only the **abstract**
-    of arXiv:2010.04947 could be read (arxiv-vanity / paperswithcode copies); the method
+    Sources and what is verified. No official code is known, and searches of the stored
+    public code found none either, only bibliography entries. Only the **abstract** of
+    arXiv:2010.04947 could be read (arxiv-vanity / paperswithcode copies); the method
     section could not. Verified from the abstract: statistics from "multiple recent batches",
     "consistent behaviors in both training and inference", and the Double-Forward scheme
     against the "distribution shift before and after the [SGD] update for the considered
-    batch". Everything else is the spec's reconstruction (§10.3), with these choices:
+    batch". Everything else is a reconstruction from the abstract, with these choices:
 
     * **Pooled moments.** The variance is that of the weighted union of the batches
-      (``sum w E[x^2] - mean^2``, spec §10.3), not the mean of the per-batch variances: with
+      (``sum w E[x^2] - mean^2``), not the mean of the per-batch variances: with
       equal batches and equal weights it is exactly BatchNorm over the concatenated batches.
       It is computed as ``sum w (sigma2 + (mu - mean)^2)``, the same number without the
       cancellation of ``E[x^2] - mean^2``.
@@ -64,8 +65,8 @@ class MemorizedBatchNorm(NormMixin, nn.Module):
       (``eta_j = 1/k``), and ``memory_weights`` (newest first) sets any other. While the
       memory is filling, the weights are renormalized over the batches present.
     * **Default** ``memory_size=4``: the paper's value could not be read; 4 is the window of
-      Cross-Iteration BN's official configs (``buffer_num=3``, spec §10.2), so the two
-      cross-batch methods compare at equal windows.
+      Cross-Iteration BN's official configs (``buffer_num=3`` in
+      Howal/Cross-iterationBatchNorm), so the two cross-batch methods compare at equal windows.
     * **Inference** (``eval_stats``): ``"running"`` (default) uses BatchNorm's running
       statistics, as torch users expect; ``"memory"`` is the paper's consistent rule: the
       pooled statistics of the last ``k`` recorded batches, i.e. exactly those the last
@@ -338,10 +339,5 @@ def double_forward_pass(model: nn.Module) -> Iterator[None]:
     for layer in layers:
         if not layer.double_forward:
             layer._fail("double_forward_pass() needs every MemorizedBatchNorm built with double_forward=True")
-    for layer in layers:
-        layer.set_second_forward(True)
-    try:
+    with second_forward(model):  # every layer here asks for it: the checks above
         yield
-    finally:
-        for layer in layers:
-            layer.set_second_forward(False)
