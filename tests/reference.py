@@ -1,11 +1,11 @@
-"""Independent float64 reference implementations of every registered norm, written from the spec.
+"""Independent float64 reference implementations of every registered norm, written from the papers.
 
 Each function takes ``(x, module)``: ``x`` is a float64 tensor and ``module`` only supplies
 parameters and options, read as attributes (``weight``, ``eps``, ``training``, ...); the
 module's ``forward`` is never called. The math is plain torch ops on float64 (no
-``torch.nn.functional`` norm kernel, nothing imported from normlab), transcribed from
-``/work/shared/spec/methods.md`` sections 1.1-1.5, 2, 3, 8 and 11, so a shared bug between a
-layer and this file would have to be written twice.
+``torch.nn.functional`` norm kernel, nothing imported from normlab), transcribed from the
+papers' formulas and the official code each docstring names, so a shared bug between a layer
+and this file would have to be written twice.
 
 Parameters are upcast to float64 here, so a reference built from a half-precision module
 uses exactly that module's (rounded) parameters. Tests that need parameter gradients pass
@@ -59,7 +59,7 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
 
 
 def layer_norm_core(x: Tensor, ndim: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Spec 1.1: ``(x - mean) * rsqrt(var_biased + eps) * weight + bias`` over the last ``ndim`` dims."""
+    """LayerNorm: ``(x - mean) * rsqrt(var_biased + eps) * weight + bias`` over the last ``ndim`` dims."""
     dims = tuple(range(-ndim, 0))
     mu = x.mean(dim=dims, keepdim=True)
     var = ((x - mu) ** 2).mean(dim=dims, keepdim=True)  # biased: divide by the element count
@@ -76,7 +76,7 @@ def rms_norm_core(
     eps_inside: bool = True,
     p: float | None = None,
 ) -> Tensor:
-    """Spec 1.2, both eps placements, over the last ``ndim`` dims.
+    """RMSNorm, both eps placements, over the last ``ndim`` dims.
 
     Inside (LLaMA / ``torch.nn.RMSNorm``): ``x * rsqrt(mean(x^2) + eps)``.
     Outside (official ``bzhangGo/rmsnorm``): ``x / (||x_p||_2 * d_p^-1/2 + eps)``, where ``x_p`` is
@@ -112,7 +112,8 @@ def _per_channel_stats_norm(
 
 
 def layer_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """LayerNorm (spec 1.1); ``channels_first`` normalizes dim 1 of ``(N, C, *)`` (ConvNeXt LN2d)."""
+    """LayerNorm (Ba et al. 2016, arXiv:1607.06450); ``channels_first`` normalizes dim 1 of ``(N, C, *)``
+    (ConvNeXt LN2d)."""
     _check(x)
     shape: Sequence[int] = tuple(module.normalized_shape)
     w, b = _f64(module.weight), _f64(module.bias)
@@ -122,7 +123,8 @@ def layer_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None
 
 
 def rms_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """RMSNorm (spec 1.2): ``eps_mode``, partial ``p``, optional ``bias``, ``eps=None`` = finfo(input).eps."""
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467): ``eps_mode``, partial ``p``, optional
+    ``bias``, ``eps=None`` = finfo(input).eps."""
     _check(x)
     shape: Sequence[int] = tuple(module.normalized_shape)
     eps = module.eps if module.eps is not None else torch.finfo(input_dtype or x.dtype).eps
@@ -136,7 +138,8 @@ def rms_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) 
 
 
 def batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """BatchNorm (spec 1.3): batch stats (biased var) over every dim but 1, or the running stats in eval."""
+    """BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167): batch stats (biased var) over every dim
+    but 1, or the running stats in eval."""
     _check(x)
     use_batch = module.training or not module.track_running_stats or module.running_mean is None
     view = (1, -1, *([1] * (x.dim() - 2)))
@@ -151,7 +154,8 @@ def batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None
 
 
 def group_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """GroupNorm (spec 1.4): per-sample stats over the ``C / G`` channels of a group and all positions."""
+    """GroupNorm (Wu & He 2018, arXiv:1803.08494): per-sample stats over the ``C / G`` channels of a
+    group and all positions."""
     _check(x)
     n, c = x.shape[:2]
     g = module.num_groups
@@ -164,7 +168,8 @@ def group_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None
 
 
 def instance_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """InstanceNorm (spec 1.5): stats per sample and channel over the spatial dims (running stats in eval)."""
+    """InstanceNorm (Ulyanov et al. 2016, arXiv:1607.08022): stats per sample and channel over the
+    spatial dims (running stats in eval)."""
     _check(x)
     use_input = module.training or not module.track_running_stats or module.running_mean is None
     if use_input:
@@ -187,19 +192,21 @@ def _pointwise(x: Tensor, module: Any, u: Tensor) -> Tensor:
 
 
 def dyt(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """DyT (spec 2): ``weight * tanh(alpha * x) + bias`` with one scalar ``alpha``."""
+    """DyT (Zhu et al. 2025, arXiv:2503.10622): ``weight * tanh(alpha * x) + bias``, one scalar ``alpha``."""
     _check(x)
     return _pointwise(x, module, torch.tanh(_f64(module.alpha) * x))  # type: ignore[operator]
 
 
 def derf(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """Derf (spec 11): ``weight * erf(alpha * x + shift) + bias`` with scalars ``alpha`` and ``shift``."""
+    """Derf (Chen et al. 2025, arXiv:2512.10938): ``weight * erf(alpha * x + shift) + bias`` with
+    scalars ``alpha`` and ``shift``."""
     _check(x)
     return _pointwise(x, module, torch.erf(_f64(module.alpha) * x + _f64(module.shift)))  # type: ignore[operator]
 
 
 def layer_norm_scaling(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """LNS (spec 3): the base norm's output (after its affine) times ``1 / sqrt(layer_idx + 1)``."""
+    """LNS (Sun et al. 2025, arXiv:2502.05795): the base norm's output (after its affine) times
+    ``1 / sqrt(layer_idx + 1)``."""
     _check(x)
     scale = 1.0 / math.sqrt(module.layer_idx + 1)
     w, b = _f64(module.weight), _f64(module.bias)
@@ -219,7 +226,7 @@ def identity(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------
-# Beyond BatchNorm (spec 8): FRN, EvoNorm-B0/S0, Variance Normalization
+# Beyond BatchNorm (Lubana et al. 2021, arXiv:2106.05956): FRN, EvoNorm-B0/S0, Variance Normalization
 
 
 def _channel_affine(y: Tensor, module: Any) -> Tensor:
@@ -291,7 +298,8 @@ def var_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------
-# Batchless Normalization (spec section 9; official ichteltelch/Batchless:batchless_normalization.py)
+# Batchless Normalization (Berger & Uc Cetina 2022, arXiv:2212.14729; official
+# ichteltelch/Batchless:batchless_normalization.py)
 
 
 def _batchless_std(module: Any, dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
@@ -314,7 +322,7 @@ def _batchless_view(p: Tensor, x: Tensor, module: Any) -> Tensor:
 
 
 def batchless(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """Spec 9: ``(x - sg(mean)) * sg(1/sigma) * weight + bias``; the same in train and eval."""
+    """Batchless: ``(x - sg(mean)) * sg(1/sigma) * weight + bias``; the same in train and eval."""
     _check(x)
     inv_std, _ = _batchless_std(module)
     mean = _batchless_view(module.mean.detach().to(F64), x, module)
@@ -328,7 +336,7 @@ def batchless(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None)
 
 
 def batchless_nll(x: Tensor, module: Any) -> Tensor:
-    """Spec 9, elementwise: ``mean_c(log sigma) + 0.5 * mean(((sg(x) - mean) / sigma)^2)``, minus
+    """Batchless NLL, elementwise: ``mean_c(log sigma) + 0.5 * mean(((sg(x) - mean) / sigma)^2)``, minus
     ``sg(mean_c(log sigma)) + 0.5`` with ``gauge``. Gradient reaches ``mean`` and sigma only."""
     _check(x)
     inv_std, log_std = _batchless_std(module)
@@ -340,7 +348,8 @@ def batchless_nll(x: Tensor, module: Any) -> Tensor:
 
 
 def memorized_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """MBN (spec 10.3): moments pooled over the current batch and the memory, newest first.
+    """MBN (Guo et al. 2018, arXiv:2010.04947): moments pooled over the current batch and the memory,
+    newest first.
 
     Training: the current batch's mean and biased variance (age 0) and the recorded rows of
     ``memory_mean``/``memory_var`` (ages 1..k-1), weights ``memory_weights`` renormalized over the
@@ -376,7 +385,7 @@ def memorized_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | N
 
 
 def compound_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """Compound BN (spec 10.4): a per-channel K-component Gaussian mixture.
+    """Compound BN (Cheng et al. 2022, arXiv:2212.01007): a per-channel K-component Gaussian mixture.
 
     ``r_k`` = posterior of component k under the moving mixture (``mixture_weight``,
     ``running_mean``, ``running_var + eps``); ``y = sum_k r_k (x - m_k) / sqrt(s_k + eps)``, with
@@ -408,11 +417,12 @@ def compound_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | No
 
 
 # ------------------------------------------------------------------------------------------------
-# Batch Layer Normalization and Cross-Iteration BatchNorm (spec 10.1, 10.2)
+# Batch Layer Normalization (Ziaee & Cano 2022, arXiv:2209.08898; official A2Amir/Batch-Layer-Normalization)
+# and Cross-Iteration BatchNorm (Yao et al. 2021, arXiv:2002.05712; official Howal/Cross-iterationBatchNorm)
 
 
 def batch_layer_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """BLN (spec 10.1): ``w * ((1/m - 1e-4) x_f + (1 - (1/m + 1e-4)) x_b) / sqrt(d) + b``.
+    """BLN as the official code: ``w * ((1/m - 1e-4) x_f + (1 - (1/m + 1e-4)) x_b) / sqrt(d) + b``.
 
     ``x_b`` uses the biased statistics over the batch dim 0 only (per position and feature),
     ``x_f`` those over the feature dim only; ``m`` is the configured ``batch_size``. In eval each
@@ -452,7 +462,7 @@ def batch_layer_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None 
 
 
 def cross_iteration_batch_norm(x: Tensor, module: Any, *, input_dtype: torch.dtype | None = None) -> Tensor:
-    """CBN (spec 10.2) as the official code: the current batch plus the module's stored iterations.
+    """CBN as the official code: the current batch plus the module's stored iterations.
 
     Each stored ``(mu_i, nu_i)`` is Taylor-compensated to the attached weight's current value,
     entries with ``nu - mu^2 < 0`` are dropped per channel (the current one is always kept), and

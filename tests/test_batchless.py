@@ -1,10 +1,10 @@
-"""Batchless Normalization (Berger & Uc Cetina 2022, arXiv:2212.14729; spec section 9).
+"""Batchless Normalization (Berger & Uc Cetina 2022, arXiv:2212.14729; official code ichteltelch/Batchless).
 
 What the paper promises and these tests check: every quantity is per sample, so a batch's
-gradient is the mean of its single-sample gradients (spec §13 anchor); the two gradient paths
+gradient is the mean of its single-sample gradients; the two gradient paths
 are split by stop-gradients; the learned mean/std converge to the input's moments; train and
 eval compute the same function; ``init_batchless`` sets each layer to the moments of its input,
-layer by layer. The elementwise NLL of ``reference.batchless_nll`` is the spec's formula; the
+layer by layer. The elementwise NLL of ``reference.batchless_nll`` is the official code's formula; the
 layer computes it from per-channel moments, so the two are compared too.
 """
 
@@ -122,7 +122,7 @@ def max_rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact gradient accumulation (spec §9 echo 1, §13 anchor)
+# Exact gradient accumulation
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
@@ -211,7 +211,7 @@ def nll_cases() -> Iterator[Any]:
 def test_aux_loss_matches_elementwise_nll(
     parametrization: str, gauge: bool, channels_first: bool, shape: tuple[int, ...]
 ) -> None:
-    """Value and gradients of ``aux_loss()`` (from per-channel moments) == the spec's elementwise
+    """Value and gradients of ``aux_loss()`` (from per-channel moments) == the reference's elementwise
     NLL in fp64 (measured ~1e-16; bound 1e-12), and the fp32 layer within 1e-5 of it."""
     m = BatchlessNorm(5, std_parametrization=parametrization, gauge=gauge, channels_first=channels_first)
     randomize_batchless(m)
@@ -233,7 +233,7 @@ def test_aux_loss_matches_elementwise_nll(
 
 
 def test_gauged_nll_is_zero_in_expectation_at_the_true_moments() -> None:
-    """§13 anchor: with mean/std equal to the data's, the gauged NLL is ~0 (0.5 * (E[z²] - 1))."""
+    """With mean/std equal to the data's, the gauged NLL is ~0 (0.5 * (E[z²] - 1))."""
     mu, sd = torch.tensor([-1.0, 0.0, 2.0, 5.0]), torch.tensor([0.5, 1.0, 3.0, 0.1])
     for p in PARAMETRIZATIONS:
         m = BatchlessNorm(4, std_parametrization=p)
@@ -258,7 +258,7 @@ def test_aux_loss_of_a_batch_is_the_mean_over_its_samples() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Convergence of the statistics (spec §9 echo 2)
+# Convergence of the statistics
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)

@@ -1,4 +1,5 @@
-"""Beyond BatchNorm (spec §8, §12.9-10, §13): FRN, EvoNorm-B0/S0, Variance Normalization and ``normlab.nn``.
+"""Beyond BatchNorm (Lubana et al. 2021, arXiv:2106.05956): FRN, EvoNorm-B0/S0, Variance Normalization
+and ``normlab.nn``.
 
 The generic suites (contract, reference, compile, properties) already sweep the four registered
 norms with their example kwargs; this file adds hand-computed anchors, the options the example
@@ -262,7 +263,7 @@ def test_one_value_per_channel_in_training_raises_but_eval_works(name: str) -> N
 # normlab.nn: the remedies for parametric normalization
 
 
-def test_relu_constants_are_the_spec_anchors() -> None:
+def test_relu_constants_are_the_closed_forms() -> None:
     assert pytest.approx(1.712859, abs=1e-6) == RELU_GAIN
     assert pytest.approx(0.398942, abs=1e-6) == RELU_SHIFT
     assert pytest.approx(math.sqrt(2 / (1 - 1 / math.pi)), rel=1e-15) == RELU_GAIN
@@ -395,7 +396,7 @@ def _plain_stack(conv: type[WNConv2d | ScaledStdConv2d], act: type[nn.Module], *
 
 
 def test_deep_plain_stack_keeps_unit_variance_only_with_the_corrections() -> None:
-    """Spec §8(c) remedies: WN + centred scaled ReLU, and sWS with its ReLU gain, keep the activation
+    """Lubana et al.'s remedies: WN + centred scaled ReLU, and sWS with its ReLU gain, keep the activation
     variance near 1 over 20 layers (measured over 8 seeds: 0.86-1.37); without the correction it decays
     geometrically (x ~0.34 per layer; measured <= 1.2e-7 after 20 layers)."""
     for corrected in (_plain_stack(WNConv2d, CenteredScaledReLU), _plain_stack(ScaledStdConv2d, nn.ReLU)):
@@ -432,7 +433,7 @@ def test_skipinit_makes_residual_blocks_the_identity_at_init() -> None:
 
 
 def test_skipinit_stops_variance_compounding_over_residual_blocks() -> None:
-    """Spec §8(d).1: without SkipInit each variance-preserving branch adds ~its input's variance
+    """Without SkipInit each variance-preserving branch adds ~its input's variance
     (x ~2 per block); with the zero gain the 12-block stack is exactly the identity."""
     torch.manual_seed(0)
     x = torch.randn(4, 16, 6, 6)

@@ -1,4 +1,5 @@
-"""Batch Layer Normalization (spec 10.1) and Cross-Iteration BatchNorm (spec 10.2): their own behaviour.
+"""Batch Layer Normalization (Ziaee & Cano 2022, arXiv:2209.08898) and Cross-Iteration BatchNorm
+(Yao et al. 2021, arXiv:2002.05712): their own behaviour.
 
 The generic suites (contract, fp64 reference, compile, properties) cover both through the
 registry; here: BLN's closed form at m = 1, its per-epoch moving statistics and the four inference
@@ -53,8 +54,8 @@ def feature_normalized(x: Tensor, dim: int = -1, eps: float = 1e-3) -> Tensor:
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (1, 5, 8), (1, 3, 4, 8)])
-def test_bln_batch_of_one_is_the_spec_closed_form(shape: tuple[int, ...]) -> None:
-    """m = 1, one sample: x_b = 0, so y = w * (1 - 1e-4) * x_f / sqrt(d) + b (spec §13), by hand."""
+def test_bln_batch_of_one_is_the_closed_form(shape: tuple[int, ...]) -> None:
+    """m = 1, one sample: x_b = 0, so y = w * (1 - 1e-4) * x_f / sqrt(d) + b, by hand."""
     d = shape[-1]
     bln = randomize_affine(BatchLayerNorm(d, batch_size=1, dtype=F64)).train()
     x = gaussian(*shape, seed=3, std=2.0)

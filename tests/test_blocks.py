@@ -27,7 +27,7 @@ def cfg_(**kw: object) -> BlockConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Constants (spec section 13), to 4 decimals
+# Constants, computed by hand from the papers' formulas, to 4 decimals
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""torch.compile and meta-device construction for every registered norm (testing.md §8 A13, A12).
+"""torch.compile and meta-device construction for every registered norm.
 
 Graph-break checks use ``backend="eager"`` with ``fullgraph=True``: Dynamo's tracing is what
 breaks graphs, and the eager backend skips Inductor's seconds-long codegen. A few cases marked
@@ -168,7 +168,7 @@ def test_inductor_matches_eager(config: tuple[str, dict[str, Any]]) -> None:
         y_ref, dx_ref = train_step(eager, x, upstream)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
-        assert_grads_close(module, eager, rtol=1e-4)  # §7: param grads rtol 1e-4 (reduction order)
+        assert_grads_close(module, eager, rtol=1e-4)  # param grads rtol 1e-4 (reduction order)
         for key, buf in module.named_buffers():
             torch.testing.assert_close(buf, eager.get_buffer(key), rtol=1e-6, atol=1e-7, msg=key)
         module.zero_grad()
@@ -200,7 +200,7 @@ def test_batch_size_changes_recompile_at_most_once(name: str, record_property: A
 
 @pytest.mark.parametrize("name", all_norms())
 def test_recompiles_across_dtypes_and_instances_stay_per_dtype(name: str, record_property: Any) -> None:
-    """3 batch sizes x 2 dtypes x 2 instances recompile at most once per dtype (testing.md A13)."""
+    """3 batch sizes x 2 dtypes x 2 instances recompile at most once per dtype."""
     counter = CompileCounterWithBackend("eager")
     dtypes = (torch.float32, torch.float64)
     for _instance in range(2):
@@ -216,7 +216,7 @@ def test_recompiles_across_dtypes_and_instances_stay_per_dtype(name: str, record
 
 
 # ---------------------------------------------------------------------------------------------
-# Meta device and factory kwargs (A12)
+# Meta device and factory kwargs
 
 
 def poison(module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""The contract every registered norm keeps (testing.md section 8.A).
+"""The contract every registered norm keeps.
 
 Each test sweeps ``normlab.list_norms()``: a new norm gets this suite without edits. The
 fp64 comparisons live in test_reference.py, properties in test_properties.py, compile and

@@ -1,6 +1,6 @@
 """CrossBatchNorm (cross-process BatchNorm on CPU/gloo) and convert_sync / revert_sync.
 
-The distributed cases (testing.md E1-E3) run in ONE pair of spawned processes (gloo, file store,
+The distributed cases run in ONE pair of spawned processes (gloo, file store,
 30 s process-group timeout): each rank runs every case on its share of a global batch and saves
 its outputs, input grads, parameter grads and buffers; this process compares them with a
 single-process float64 ``torch.nn.BatchNorm1d`` on the concatenated global batch. A failure in
@@ -59,7 +59,7 @@ class Tol:
     stats: float
 
 
-# testing.md E1; parameter grads relative to max(1, max|grad|), running stats to max(1, |value|)
+# Parameter grads relative to max(1, max|grad|), running stats to max(1, |value|)
 FP32 = Tol(out=1e-6, dx=2e-6, dparam=2e-6, stats=1e-7)
 FP64 = Tol(out=1e-12, dx=1e-12, dparam=1e-12, stats=1e-12)
 # bf16 activations into an fp32 module: outputs and input grads are rounded to bf16 (relative
@@ -233,7 +233,7 @@ def run_data_parallel(rank: int, use_ddp: bool) -> dict[str, Tensor]:
 
 
 def torch_syncbn_on_cpu() -> str:
-    """testing.md E3: ``nn.SyncBatchNorm`` refuses CPU tensors; a future torch change shows here."""
+    """``nn.SyncBatchNorm`` refuses CPU tensors; a future torch change shows here."""
     try:
         nn.SyncBatchNorm(C)(torch.randn(4, C, 3))
     except ValueError as error:

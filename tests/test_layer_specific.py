@@ -1,4 +1,4 @@
-"""Per-layer anchors from the spec (methods.md section 13) and options no generic test reaches."""
+"""Per-layer anchors (exact values of the papers' formulas) and options no generic test reaches."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_derf_defaults_match_the_official_code() -> None:
 
 
 def test_lns_scales_for_twelve_blocks() -> None:
-    """spec §13: 1, .7071, .5774, .5, .4472, .4082, .3780, .3536, .3333, .3162, .3015, .2887."""
+    """1/sqrt(l), l = 1..12: 1, .7071, .5774, .5, .4472, .4082, .3780, .3536, .3333, .3162, .3015, .2887."""
     expected = [1, 0.7071, 0.5774, 0.5, 0.4472, 0.4082, 0.3780, 0.3536, 0.3333, 0.3162, 0.3015, 0.2887]
     scales = [normlab.LayerNormScaling(8, layer_idx=i).scale for i in range(12)]
     assert scales == pytest.approx(expected, abs=5e-5)

@@ -1,6 +1,6 @@
 """Memorized BN (MBN, arXiv:2010.04947) and Compound BN (arXiv:2212.01007): layer-specific checks.
 
-Both papers' method sections could not be read (spec §10.3-10.4, §12.17): each choice documented
+Both papers' method sections could not be read and no official code is known: each choice documented
 in the modules' docstrings is pinned here as a property, against hand computations in float64.
 The generic suites (contract, fp64 reference, gradcheck, compile) cover the rest.
 """
@@ -124,7 +124,7 @@ def test_mbn_statistics_are_the_weighted_pool_of_the_last_k_batches() -> None:
 
 
 def test_mbn_uniform_weights_equal_batchnorm_over_the_concatenated_batches() -> None:
-    """Equal batch sizes, uniform weights: the pooled moments are those of the union (spec §10.3)."""
+    """Equal batch sizes, uniform weights: the pooled moments are those of the union."""
     mbn = MemorizedBatchNorm(C, memory_size=3, dtype=F64)
     xs = [batch(t, 4) for t in range(5)]
     for t, x in enumerate(xs):

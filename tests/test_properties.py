@@ -1,4 +1,4 @@
-"""Hypothesis properties of the norms (testing.md §8 A15), in fp64.
+"""Hypothesis properties of the norms, in fp64.
 
 Each property is an algebraic identity that holds for *any* input, so hypothesis draws the
 shapes, scales, shifts and seeds; tensors are built from a drawn seed with a

@@ -1,6 +1,6 @@
 """Initialisation constants and schemes that come with the transformer placements.
 
-The constants are the papers' (sections 4, 5 and 11 of the spec), with torchscale's variants
+The constants are the papers', with the variants of the official code (microsoft/torchscale)
 as options where its code differs:
 
 * DeepNorm (Wang et al. 2022, arXiv:2203.00555): residual weight ``alpha`` and init gain ``beta``.
@@ -95,8 +95,9 @@ def deepnorm_alpha_beta(
         num_decoder_layers: M, the decoder depth; only with ``arch="encdec"``.
         part: which stack of an encoder-decoder: ``"encoder"`` or ``"decoder"``.
         variant: ``"paper"``, or ``"torchscale"``, whose encoder of an encoder-decoder divides
-            by ``(N^4 M)^(1/16) / 1.15``, i.e. ``beta = 1.15 (N^4 M)^(-1/16)`` (spec section 12.4;
-            1.15 ~ 1/0.87). Every other entry is the same in both.
+            by ``(N^4 M)^(1/16) / 1.15``, i.e. ``beta = 1.15 (N^4 M)^(-1/16)`` against the paper's
+            0.87 (1.15 ~ 1/0.87: a reciprocal mix-up in one of the two). Every other entry is the
+            same in both.
     """
     owner = "deepnorm_alpha_beta"
     if variant not in ("paper", "torchscale"):

@@ -3,7 +3,9 @@
 A normalization layer reads its input once and writes its output once (backward: reads ``x`` and
 ``dy``, writes ``dx``), so it is memory-bound and its speed limit is the machine's copy bandwidth.
 Eager torch is far from it on CPU for most norms (DyT's ``tanh``, RMSNorm's composite autograd,
-GroupNorm on token layouts, see ``design/performance.md``); these ops make one pass each way:
+GroupNorm on token layouts; measured on an AVX2 CPU, eager DyT is 5-6x slower than LayerNorm, RMSNorm
+4.4x slower forward+backward, and most eager norms reach 5-45% of the ``copy_`` bandwidth); these ops
+make one pass each way:
 
 - ``normlab::dyt`` / ``derf``: DyT (arXiv:2503.10622) and Derf (arXiv:2512.10938), ``(*, C)`` and
   ``(N, C, *)``; tanh by the clamped 13/6 rational of Eigen/XLA (max abs error 3.4e-7).

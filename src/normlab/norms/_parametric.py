@@ -1,4 +1,4 @@
-"""Parametric normalization and its signal-propagation remedies (Lubana, Dick & Tanaka 2021, spec §8).
+"""Parametric normalization and its signal-propagation remedies (Lubana, Dick & Tanaka 2021).
 
 Weight-space normalizers keep a ConvNet's activations well scaled at initialization only with
 help: Weight Normalization needs a centred and rescaled ReLU (:class:`CenteredScaledReLU`),
@@ -26,7 +26,7 @@ from torch.nn.common_types import _size_2_t
 from normlab.norms._base import Device, DType, check_eps
 
 # ReLU of a standard normal: mean 1/sqrt(2*pi), variance (pi - 1) / (2*pi). Subtracting the mean
-# and dividing by the standard deviation maps N(0, 1) to mean 0, variance 1 (spec §13 anchors).
+# and dividing by the standard deviation maps N(0, 1) to mean 0, variance 1.
 RELU_SHIFT = 1.0 / math.sqrt(2.0 * math.pi)  # 0.398942
 RELU_GAIN = math.sqrt(2.0 * math.pi / (math.pi - 1.0))  # 1.712859 = sqrt(2 / (1 - 1/pi))
 

@@ -1,7 +1,7 @@
 """Batchless Normalization (Berger & Uc Cetina 2022, arXiv:2212.14729).
 
 Follows the official TensorFlow code ``ichteltelch/Batchless:batchless_normalization.py``
-(``BatchlessNormalization``, ``init_bln``, ``init_bln_singlePass``); spec section 9.
+(``BatchlessNormalization``, ``init_bln``, ``init_bln_singlePass``).
 """
 
 from __future__ import annotations

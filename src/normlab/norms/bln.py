@@ -43,7 +43,8 @@ class BatchLayerNorm(NormMixin, nn.Module):
         y   = weight * ((1/m - 1e-4) * x_f + (1 - (1/m + 1e-4)) * x_b) / sqrt(d) + bias
 
     Both variances are biased; ``eps`` (the official ``offset``) is 1e-3, inside the square root.
-    The ``1/sqrt(d)`` factor and the ``±1e-4`` offsets are the official code's (spec §12.14). ``m``
+    The ``1/sqrt(d)`` factor and the ``±1e-4`` offsets are the official code's (not in the usual
+    BN/LN definitions). ``m``
     is the hyperparameter ``batch_size``, not the size of the current input, in training and eval
     alike (as the official layer); a smaller last batch still uses ``1/m``. At ``m = 1`` and a batch
     of one sample ``x_b = 0``, so ``y = weight * (1 - 1e-4) * x_f / sqrt(d) + bias``.

@@ -48,8 +48,8 @@ class CrossIterationBatchNorm(NormMixin, nn.Module):
         y = (x - μ̄) / (sqrt(σ̄²) + eps) * weight + bias      # eps_mode="outside" (official default)
 
     An entry whose compensated variance is negative is dropped *for that channel only*, with the
-    mean taken over the entries kept (the official code; the paper's ``max(ν, μ²)`` is not used,
-    spec §12.12). The stored entries are detached: gradients reach the input only through the
+    mean taken over the entries kept (the official code; the paper's ``max(ν, μ²)`` is not
+    used). The stored entries are detached: gradients reach the input only through the
     current batch's ``μ_t`` and ``ν_t``. In training the running statistics are updated with the
     **current** batch's mean and unbiased variance only (PyTorch momentum convention, 0.1), and
     eval normalizes with them, exactly as BatchNorm.

@@ -57,18 +57,19 @@ class CompoundBatchNorm(NormMixin, nn.Module):
     a buffer. With ``num_components=1`` (``r = 1``) this is exactly BatchNorm: outputs,
     gradients and running statistics.
 
-    Sources and what is verified. No official code exists (spec §10.4, §12.17), and searches
-    of the stored public code found none. Only the **abstract** of arXiv:2212.01007 could be
+    Sources and what is verified. No official code is known, and searches of the stored
+    public code found none. Only the **abstract** of arXiv:2212.01007 could be
     read (ar5iv / deepai copies); the method section could not. Verified from the abstract: a
     Gaussian mixture replaces BN's single Gaussian to "reduce the dominance of head classes",
     its parameters are estimated by "a moving average-based expectation maximization (EM)
     algorithm", EM "is sensitive to initialization" and may collapse onto head classes, and the
     paper's remedy is a dual-path framework with class-aware split feature normalization. The
-    formulas are the spec's reconstruction (§10.4), with these choices:
+    formulas are a reconstruction from the abstract, with these choices:
 
     * **Normalization** is the responsibility-weighted sum of per-component standardizations
-      (spec §10.4). Mixture Normalization (Kalayeh & Shah, arXiv:1806.02892) also divides each
-      term by ``sqrt(pi_k)``; that factor is not in the reconstruction and is not used.
+      (``sum_k r_k (x - mu_k) / sqrt(var_k + eps)``). Mixture Normalization (Kalayeh & Shah,
+      arXiv:1806.02892) also divides each term by ``sqrt(pi_k)``; that factor is not in the
+      reconstruction and is not used.
     * **E-step with the moving mixture** (the parameters before this batch's update), M-step on
       the batch, then the moving-average blend: one online-EM step per training batch.
     * **Training normalizes with the batch moments** of each component (as BN uses batch

@@ -164,7 +164,7 @@ CLAIMS = (
         id="dyt-vs-layernorm",
         text="DyT reaches the validation loss of LayerNorm (within 2%)",
         paper=f"{PAPER}, Table 1: DyT matches or beats LN (ViT-B 82.3 -> 82.5 top-1, ConvNeXt-B "
-        "83.7 -> 83.7); spec echo: final loss within about 1-2% of LN",
+        "83.7 -> 83.7)",
         metric="val_loss",
         a=_side("DyT", "dyt"),
         b=_side("LayerNorm", "layernorm"),

@@ -2,7 +2,7 @@
 
 Run with ``normlab study groupsize``.
 
-Lubana, Dick & Tanaka 2021 (arXiv:2106.05956, spec section 8) explain GroupNorm's group size
+Lubana, Dick & Tanaka 2021 (arXiv:2106.05956) explain GroupNorm's group size
 with two principles measured at initialisation: (ii) *informative forward propagation*: as the
 group size grows, the activations of different samples become more similar (``act_corr``
 rises), which slows LayerNorm's convergence; (iii) *stable backward propagation*: as the group
@@ -228,8 +228,8 @@ CLAIMS = (
         id="mid-stabler-than-in-high-lr",
         text=f"At a high learning rate ({HIGH_LR:g}), GroupNorm with {MID} channels a group reaches "
         "a higher test accuracy than InstanceNorm (a diverged run counts as chance)",
-        paper=f"{_PAPER}, principle iii and spec 8(d)4: InstanceNorm is the least stable at "
-        "higher learning rates",
+        paper=f"{_PAPER}, principle iii: small groups give large gradient norms in the earlier "
+        "layers, which makes InstanceNorm the least stable",
         metric="test_acc",
         a=_side("highlr", MID),
         b=_side("highlr", 1),

@@ -17,10 +17,11 @@ Test accuracy (2,000 test images) is measured the way each method prescribes:
   arXiv:2209.08898; the official callback); a run is two whole epochs;
 - MBN: ``double_forward=True``, ``eval_stats="memory"``: the statistics of the last 4 recorded
   batches, the consistent rule of Guo et al. 2018 (arXiv:2010.04947), the second forward run
-  by the runtime after every step;
+  by the Trainer's training hooks after every step;
 - Batchless: its learned statistics, initialised to mean 0 / std 1 (the layer's default; the
-  spec lists the data-driven ``init_batchless`` as an alternative, not a prescription; Berger &
-  Uc Cetina 2022, arXiv:2212.14729), fitted by its auxiliary NLL (added by the loop);
+  data-driven ``init_batchless``, the official code's ``init_bln``, is an alternative, not a
+  prescription; Berger & Uc Cetina 2022, arXiv:2212.14729), fitted by its auxiliary NLL (added
+  by the loop);
 - GroupNorm (8 groups), LayerNorm (GroupNorm with one group), InstanceNorm: per sample.
 
 ``--scale`` multiplies the training subset (so every run stays two whole epochs).
@@ -188,7 +189,7 @@ CLAIMS = (
         "batchless-beats-bn-batch2",
         "At batch 2, Batchless Normalization reaches a higher test accuracy than BatchNorm",
         "Berger & Uc Cetina 2022 (arXiv:2212.14729): better stability than BN at small batch sizes "
-        "(CIFAR-10, batch sizes 1 to 1024); spec 9(d): BlN roughly flat, BN degraded at 2",
+        "(CIFAR-10, batch sizes 1 to 1024)",
         _side("Batchless b2", "batchless", 2),
         _side("BN b2", "batchnorm", 2),
     ),
@@ -204,7 +205,7 @@ CLAIMS = (
         "mbn-beats-bn-batch2",
         "At batch 2, Memorized BN (double forward, memory statistics at inference) beats BatchNorm",
         "Guo et al. 2018 (arXiv:2010.04947), abstract: memorized statistics of recent batches make "
-        "small-batch training and inference consistent (spec 10.3(d): MBN+DF >= MBN >= BN at batch 2-4)",
+        "small-batch training and inference consistent",
         _side("MBN b2", "mbn", 2),
         _side("BN b2", "batchnorm", 2),
     ),
@@ -212,7 +213,7 @@ CLAIMS = (
         "bln-beats-bn-batch2",
         "At batch 2, Batch Layer Normalization reaches a higher test accuracy than BatchNorm",
         "Ziaee & Cano 2022 (arXiv:2209.08898): faster convergence than BN and LN, mixing in feature "
-        "statistics with weight 1/m at small batch m (spec 10.1(d): BLN >= BN at batch 1)",
+        "statistics with weight 1/m at small batch m",
         _side("BLN b2", "bln", 2),
         _side("BN b2", "batchnorm", 2),
     ),
