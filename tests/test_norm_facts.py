@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import normlab
 from normlab.data import TextCorpus
 from normlab.norms import NORMS, NormMixin, NormSpec, register_norm
-from normlab.norms._info import NEW, ZERO_MEAN, NormInfo
+from normlab.norms._info import NEW, ZERO_MEAN, NormInfo, NotConvertibleError
 from normlab.train import LMRuntime, LMTask, RunConfig, TrainConfig, train
 
 TEXT = "the quick brown fox jumps over the lazy dog, " * 4  # 162 training characters: 5 steps of 4 x 8
@@ -97,3 +97,16 @@ def test_a_new_norm_trains_and_its_hooks_run(tmp_path: Path) -> None:
     assert len(norms) == 3 and summary["steps"] == 5
     assert runtime.steps_per_epoch == 5
     assert all(n.steps == 5 and n.epochs == 1 for n in norms)
+
+
+def test_from_info_builds_a_norm_that_mirrors_a_foreign_one() -> None:
+    from normlab.convert import read_norm
+
+    source = nn.GroupNorm(4, 16, eps=1e-3, dtype=torch.float64)
+    gn = normlab.GroupNorm.from_info(read_norm(source))
+    assert isinstance(gn, normlab.GroupNorm) and (gn.num_groups, gn.num_channels, gn.eps) == (4, 16, 1e-3)
+    assert gn.weight is not None and gn.weight.dtype == torch.float64
+    rms = normlab.RMSNorm.from_info(read_norm(nn.LayerNorm(8, eps=1e-6)), eps_mode="outside")
+    assert isinstance(rms, normlab.RMSNorm) and rms.eps == 1e-6 and rms.eps_mode == "outside"
+    with pytest.raises(NotConvertibleError, match="GroupNorm normalizes dimension 1"):
+        normlab.GroupNorm.from_info(read_norm(nn.LayerNorm(8)))

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, NoReturn, TypeVar, cast, overload
 import torch
 from torch import Tensor, nn
 
-from normlab.norms._info import NEW, NormInfo, NotConvertibleError
+from normlab.norms._info import NEW, VARIANCE_KINDS, NormInfo, NotConvertibleError
 from normlab.registry import Registry
 
 Layout = Literal["last", "channel"]
@@ -154,11 +154,7 @@ class NormMixin:
             )
         features: int | tuple[int, ...] = info.shape if len(info.shape) > 1 else info.shape[0]
         # eps keeps its meaning across LayerNorm/RMSNorm/BatchNorm/GroupNorm (added to a variance)
-        if (
-            "eps" in sig
-            and info.kind not in ("pointwise", "identity", "batchless", "other")
-            and info.eps is not None
-        ):
+        if "eps" in sig and info.kind in VARIANCE_KINDS and info.eps is not None:
             kw["eps"] = info.eps
         has_weight = info.weight is not None or info.kind == "identity"  # identity: nothing to mirror
         affine_key = (
@@ -184,6 +180,19 @@ class NormMixin:
                     # the paper's 32 groups where they divide the channels, else the largest divisor below
                     kw["num_groups"] = math.gcd(default_groups, features)
         return features, kw
+
+    @classmethod
+    def from_info(cls, info: NormInfo, **options: Any) -> nn.Module:
+        """This norm built to mirror ``info`` (:meth:`convert_kwargs`, then ``options``), on the
+        source module's device and dtype; its tensors are fresh (``convert_norms`` also carries
+        the source's affine and statistics, and records the relation). ``RMSNorm.from_info(
+        normlab.convert.read_norm(module))``."""
+        features, kwargs = cls.convert_kwargs(info, options=options)
+        first = next(
+            (t for t in (*info.module.parameters(), *info.module.buffers()) if t.is_floating_point()), None
+        )
+        place = {} if first is None else {"device": first.device, "dtype": first.dtype}
+        return cast(nn.Module, cls(features, **{**kwargs, **options}, **place))  # type: ignore[call-arg]
 
     @classmethod
     def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:

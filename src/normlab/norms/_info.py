@@ -21,6 +21,7 @@ __all__ = [
     "EXACT",
     "NEW",
     "TOKEN_KINDS",
+    "VARIANCE_KINDS",
     "ZERO_MEAN",
     "Kind",
     "NormInfo",
@@ -41,6 +42,10 @@ Kind = Literal[
     "identity",
     "other",
 ]
+# Kinds whose eps is added to a variance (or mean square): it keeps its meaning across them.
+VARIANCE_KINDS: frozenset[str] = frozenset(
+    {"layernorm", "rmsnorm", "lns", "batchnorm", "groupnorm", "instancenorm"}
+)
 # Kinds that normalize each token over its features: what LayerNorm-family targets replace.
 TOKEN_KINDS: frozenset[str] = frozenset({"layernorm", "rmsnorm", "lns", "pointwise"})
 

@@ -19,7 +19,7 @@ from normlab.norms._base import (
     feature_shape,
     register_norm,
 )
-from normlab.norms._info import NormInfo, row_norm_relation
+from normlab.norms._info import VARIANCE_KINDS, NormInfo, row_norm_relation
 
 
 @register_norm("rmsnorm", aliases=("rms", "rms_norm"))
@@ -116,7 +116,7 @@ class RMSNorm(NormMixin, nn.RMSNorm):
         cls, info: NormInfo, *, options: Mapping[str, Any]
     ) -> tuple[int | tuple[int, ...], dict[str, Any]]:
         features, kw = cls._mirror_kwargs(info, options)
-        if info.kind not in ("pointwise", "identity", "batchless", "other") and info.eps is None:
+        if info.kind in VARIANCE_KINDS and info.eps is None:
             kw["eps"] = None  # torch.nn.RMSNorm's default: finfo(dtype).eps at run time
         if info.kind == "rmsnorm":
             if info.eps_mode != "inside":
