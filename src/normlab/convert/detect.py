@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.norms._base import NormMixin
-from normlab.norms._info import TOKEN_KINDS, NormInfo, running_stats_info
+from normlab.norms._info import TOKEN_KINDS, NormInfo, group_norm_info, running_stats_info
 from normlab.norms.batch_norm import BatchNorm
 from normlab.norms.cross_bn import CrossBatchNorm
 
@@ -117,18 +117,7 @@ def _known(module: nn.Module) -> NormInfo | None:
         rms: nn.RMSNorm = module  # type: ignore[assignment]
         return NormInfo("rmsnorm", module, tuple(rms.normalized_shape), eps=rms.eps, weight=rms.weight)
     if t is nn.GroupNorm or (isinstance(module, nn.GroupNorm) and t.__name__ in ("GroupNorm", "GroupNorm1")):
-        gn: nn.GroupNorm = module  # type: ignore[assignment]
-        return NormInfo(
-            "groupnorm",
-            module,
-            (gn.num_channels,),
-            channels_first=True,
-            eps=float(gn.eps),
-            weight=gn.weight,
-            bias=gn.bias,
-            num_groups=gn.num_groups,
-            foreign=t is not nn.GroupNorm,
-        )
+        return group_norm_info(module, foreign=t is not nn.GroupNorm)  # type: ignore[arg-type]
     if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
         return running_stats_info("instancenorm", module)
     return None

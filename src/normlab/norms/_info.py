@@ -26,6 +26,7 @@ __all__ = [
     "Kind",
     "NormInfo",
     "NotConvertibleError",
+    "group_norm_info",
     "row_norm_relation",
     "running_stats_info",
 ]
@@ -151,6 +152,21 @@ def running_stats_info(kind: Literal["batchnorm", "instancenorm"], module: nn.Mo
         running_mean=m.running_mean,
         running_var=m.running_var,
         num_batches_tracked=m.num_batches_tracked,
+    )
+
+
+def group_norm_info(module: nn.GroupNorm, *, foreign: bool = False) -> NormInfo:
+    """The reading of a module with torch's ``nn.GroupNorm`` fields."""
+    return NormInfo(
+        "groupnorm",
+        module,
+        (module.num_channels,),
+        channels_first=True,
+        eps=float(module.eps),
+        weight=module.weight,
+        bias=module.bias,
+        num_groups=module.num_groups,
+        foreign=foreign,
     )
 
 

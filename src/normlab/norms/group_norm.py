@@ -18,7 +18,7 @@ from normlab.norms._base import (
     check_num_features,
     register_norm,
 )
-from normlab.norms._info import EXACT, NEW, NormInfo
+from normlab.norms._info import EXACT, NEW, NormInfo, group_norm_info
 
 
 @register_norm("groupnorm", aliases=("gn", "group_norm"))
@@ -69,16 +69,7 @@ class GroupNorm(NormMixin, nn.GroupNorm):
         self.num_features = num_features
 
     def norm_info(self) -> NormInfo:
-        return NormInfo(
-            "groupnorm",
-            self,
-            (self.num_channels,),
-            channels_first=True,
-            eps=float(self.eps),
-            weight=self.weight,
-            bias=self.bias,
-            num_groups=self.num_groups,
-        )
+        return group_norm_info(self)
 
     @classmethod
     def conversion_relation(cls, info: NormInfo, kwargs: Mapping[str, Any]) -> str:
