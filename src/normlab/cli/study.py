@@ -8,15 +8,31 @@ from pathlib import Path
 from typing import Any
 
 STUDY_HELP = """\
-Run a registered study: its grid of runs (seeds included), then the claims table with the
-verdicts, and report.md / results.json / plots in the output directory. An interrupted study
+Run a study: a registered one by NAME (`normlab study list`), or your own from a .toml or .py
+file (`normlab study init my.toml` writes one that runs as written). Its grid of runs (seeds
+included), then the claims table with the verdicts (and, for a study file, the cells ranked by
+its metric), and report.md / results.json / plots in the output directory. An interrupted study
 continues with --resume, redoing only the unfinished runs (from their last checkpoint).
+--set KEY=VALUE (repeatable, a TOML value) changes one setting: `--set train.steps=2000`,
+`--set 'sweep.norm=["dyt"]'`; it is recorded in plan.json.
 """
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from normlab.studies import StudyOptions, claims_text, get_study, list_studies, run_study
+def _is_file(name: str) -> bool:
+    return name.endswith((".toml", ".py")) or "/" in name or Path(name).is_file()
 
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from normlab.studies import StudyOptions, claims_text, get_study, list_studies, ranking_text, run_study
+    from normlab.studies.overrides import parse_set
+    from normlab.studies.userfile import load_study_file
+
+    if args.name == "init":
+        return _init(args.path)
+    if args.path is not None:
+        raise ValueError(
+            f"study {args.name}: unexpected argument {args.path!r} (only `study init PATH` takes one)"
+        )
     if args.name == "list":
         rows = []
         for name in list_studies():
@@ -27,8 +43,22 @@ def cmd_study(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {n_claims} claims  {budget or '-'}\n{'':<{width}}  {title}")
         print(f"\n{len(rows)} studies. Run one with: normlab study NAME [--jobs N] [--resume]")
         return 0
-    study = get_study(args.name)
-    options = StudyOptions(seeds=args.seeds, scale=args.scale, corpus=args.corpus, images=args.images)
+    sets = tuple(parse_set(text) for text in args.set)
+    if _is_file(args.name):
+        study = load_study_file(args.name, sets=sets)
+        for flag, value in (("--corpus", args.corpus), ("--images", args.images)):
+            if value is not None:
+                raise ValueError(f"{flag} is for registered studies; a study file names its data in [data]")
+        preload = (study.source["file"],) if study.source and study.source["format"] == "py" else ()
+    else:
+        study, preload = get_study(args.name), ()
+    options = StudyOptions(
+        seeds=args.seeds,
+        scale=args.scale,
+        corpus=args.corpus or "shakespeare",
+        images=args.images or "auto",
+        sets=sets,
+    )
     out = Path(args.out) if args.out else Path("runs") / study.name
     try:
         results: dict[str, Any] = run_study(
@@ -44,14 +74,19 @@ def cmd_study(args: argparse.Namespace) -> int:
             device=args.device,
             nproc=args.nproc,
             dist_bn=args.dist_bn,
+            preload=preload,
         )
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; continue with: normlab study {study.name} --out {out} --resume", file=sys.stderr
-        )
+        again = " ".join([args.name, *(f"--set {k}={v!r}" for k, v in sets)])
+        print(f"\ninterrupted; continue with: normlab study {again} --out {out} --resume", file=sys.stderr)
         return 130
     print(f"\n{results['title']}\n")
-    print(claims_text(results))
+    if results.get("ranking"):
+        print(ranking_text(results))
+    if results["claims"]:
+        print("\n" + claims_text(results))
+    for dropped in results.get("source", {}).get("dropped_claims", []):
+        print(f"claim {dropped['id']} not evaluated: {dropped['why']}")
     print(f"\nreport: {results['report_path']}")
     failed = results.get("failed_runs", {})
     if failed:
@@ -60,11 +95,30 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(path: str | None) -> int:
+    from normlab.studies.template import TEMPLATE
+
+    if path is None:
+        raise ValueError("study init: give the file to write, e.g. normlab study init my-study.toml")
+    target = Path(path)
+    if target.suffix != ".toml":
+        raise ValueError(f"study init: {path!r}: the template is TOML; name the file *.toml")
+    if target.exists():
+        raise ValueError(f"study init: {path!r} exists; choose another name (nothing was written)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(TEMPLATE, encoding="utf-8")
+    print(f"wrote {target}; run it with: normlab study {target}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from normlab.studies import claims_text, write_report
+    from normlab.studies import claims_text, ranking_text, write_report
 
     results = write_report(args.run_dir)
-    print(claims_text(results))
+    if results.get("ranking"):
+        print(ranking_text(results) + "\n")
+    if results["claims"]:
+        print(claims_text(results))
     print(f"\nreport: {results['report_path']}")
     return 0
 
@@ -73,10 +127,19 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``study`` and ``report`` subcommands to ``normlab``'s parser."""
     p = subparsers.add_parser(
         "study",
-        help="run a study (reproduce papers' claims on real data) or list them",
+        help="run a study (a paper's claims, or your own .toml/.py file), list them, or write a template",
         description=STUDY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", help="a study name, or 'list'")
+    p.add_argument("name", help="a study name, a study file (.toml, .py), 'list', or 'init'")
+    p.add_argument("path", nargs="?", help="with init: the .toml file to write")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable; a TOML value): train.steps=2000, 'sweep.norm=[\"dyt\"]'",
+    )
     p.add_argument("--out", help="output directory (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
@@ -85,12 +148,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (default 1)")
     from normlab.data import CORPORA, image_set_names
 
-    p.add_argument("--corpus", default="shakespeare", choices=CORPORA.names(), help="text corpus")
+    p.add_argument(
+        "--corpus", choices=CORPORA.names(), help="text corpus of a registered study (shakespeare)"
+    )
     p.add_argument(
         "--images",
-        default="auto",
         choices=image_set_names(),
-        help="image data set (auto: Fashion-MNIST if installed, else MNIST-5k)",
+        help="image data set of a registered study (default auto: Fashion-MNIST if installed, else MNIST-5k)",
     )
     p.add_argument("--data-dir", help="data directory (default: $NORMLAB_DATA or ~/.cache/normlab)")
     p.add_argument("--device", default="cpu", help="cpu (default, bit-exact resume) or cuda")

@@ -63,7 +63,8 @@ CACHE_VERSION = 1
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Images ``(N, H, W)`` ``uint8`` and labels ``(N,)`` ``int64``, train and test.
+    """Images ``(N, H, W)`` (greyscale) or ``(N, H, W, C)`` ``uint8`` and labels ``(N,)``
+    ``int64``, train and test.
 
     ``mean`` and ``std`` are the training pixels' statistics on the [0, 1] scale; batches are
     standardized with them.
@@ -85,11 +86,14 @@ class ImageSet:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (1, int(self.x_train.shape[1]), int(self.x_train.shape[2]))
+        """``(channels, height, width)``."""
+        channels = int(self.x_train.shape[3]) if self.x_train.ndim == 4 else 1
+        return (channels, int(self.x_train.shape[1]), int(self.x_train.shape[2]))
 
     def to_tensor(self, images: np.ndarray) -> Tensor:
-        """``uint8`` ``(B, H, W)`` to standardized ``float32`` ``(B, 1, H, W)``."""
-        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1)
+        """``uint8`` ``(B, H, W)`` or ``(B, H, W, C)`` to standardized ``float32`` ``(B, C, H, W)``."""
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32))
+        x = x.permute(0, 3, 1, 2).contiguous() if x.ndim == 4 else x.unsqueeze(1)
         return (x / 255.0 - self.mean) / self.std
 
     @classmethod
@@ -106,8 +110,15 @@ class ImageSet:
     ) -> ImageSet:
         """Wrap ``uint8`` arrays (tests, user data); the statistics come from ``x_train``."""
         for label, arr in (("x_train", x_train), ("x_test", x_test)):
-            if arr.ndim != 3 or arr.dtype != np.uint8:
-                raise ValueError(f"ImageSet: {label} must be uint8 (N, H, W), got {arr.dtype} {arr.shape}")
+            if (
+                arr.ndim not in (3, 4)
+                or arr.dtype != np.uint8
+                or (arr.ndim == 4 and arr.shape[3] not in (1, 3))
+            ):
+                raise ValueError(
+                    f"ImageSet: {label} must be uint8 (N, H, W) or (N, H, W, 1 or 3), "
+                    f"got {arr.dtype} {arr.shape}"
+                )
         n_classes = int(max(y_train.max(), y_test.max())) + 1
         sample = np.asarray(x_train[:10000], dtype=np.float64) / 255.0
         return cls(

@@ -212,22 +212,31 @@ class TextCorpus:
 
     Attributes:
         name: the corpus (``"shakespeare"``, ``"bible"`` or a user label).
-        level: ``"char"`` (vocabulary = the sorted characters of the text) or ``"byte"``.
-        vocab: the characters of a char-level corpus, in token order; empty for bytes.
-        train, val: token ids (``uint8``/``uint16``, possibly memory-mapped).
+        level: ``"char"`` (vocabulary = the sorted characters of the text), ``"byte"``, or
+            ``"tokens"`` (ids of the user's own tokenizer, from token files).
+        vocab: the characters of a char-level corpus, in token order; empty otherwise.
+        train, val: token ids (``uint8``/``uint16``/``uint32``, possibly memory-mapped).
+        token_vocab: the vocabulary size of a ``"tokens"`` corpus.
     """
 
     name: str
-    level: Level
+    level: Level | Literal["tokens"]
     vocab: tuple[str, ...]
     train: np.ndarray
     val: np.ndarray
+    token_vocab: int = 0
 
     @property
     def vocab_size(self) -> int:
+        if self.level == "tokens":
+            return self.token_vocab
         return len(self.vocab) if self.level == "char" else 256
 
     def encode(self, text: str) -> np.ndarray:
+        if self.level == "tokens":
+            raise ValueError(
+                f"TextCorpus {self.name!r}: token ids come from the user's tokenizer, not from text"
+            )
         if self.level == "byte":
             raw: np.ndarray = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
             return raw
@@ -239,6 +248,8 @@ class TextCorpus:
 
     def decode(self, ids: Sequence[int] | np.ndarray | Tensor) -> str:
         values = [int(i) for i in (ids.tolist() if isinstance(ids, (np.ndarray, Tensor)) else ids)]
+        if self.level == "tokens":
+            return " ".join(map(str, values))
         if self.level == "byte":
             return bytes(values).decode("utf-8", errors="replace")
         return "".join(self.vocab[i] for i in values)

@@ -12,7 +12,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["hf_config", "hf_model", "hf_model_of_class"]
+__all__ = [
+    "POSITION_FIELDS",
+    "hf_causal_lm",
+    "hf_config",
+    "hf_image_classifier",
+    "hf_model",
+    "hf_model_of_class",
+]
 
 
 def _transformers() -> Any:
@@ -68,4 +75,48 @@ def hf_model_of_class(class_name: str, config_dict: Mapping[str, Any]) -> nn.Mod
     if cls is None:
         raise ValueError(f"transformers has no class {class_name!r}")
     model: nn.Module = cls(hf_config(model_type, data))
+    return model
+
+
+# where each family keeps its context length, the first present counts
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _config_of(config_dict: Mapping[str, Any], where: str) -> Any:
+    data = dict(config_dict)
+    model_type = data.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"{where}: the config has no 'model_type' (is it a Hugging Face config.json?)")
+    return hf_config(model_type, data)
+
+
+def hf_causal_lm(config_dict: Mapping[str, Any], *, where: str = "hf") -> nn.Module:
+    """``AutoModelForCausalLM`` of a ``config.json``'s contents, with random weights.
+
+    Raises:
+        ValueError: the config's ``model_type`` has no causal-LM class in transformers.
+    """
+    transformers = _transformers()
+    config = _config_of(config_dict, where)
+    try:
+        model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise ValueError(
+            f"{where}: model_type {config.model_type!r} has no causal-LM model in transformers "
+            f"{transformers.__version__} ({str(e).splitlines()[0]})"
+        ) from None
+    return model
+
+
+def hf_image_classifier(config_dict: Mapping[str, Any], *, where: str = "hf") -> nn.Module:
+    """``AutoModelForImageClassification`` of a ``config.json``'s contents, with random weights."""
+    transformers = _transformers()
+    config = _config_of(config_dict, where)
+    try:
+        model: nn.Module = transformers.AutoModelForImageClassification.from_config(config)
+    except ValueError as e:
+        raise ValueError(
+            f"{where}: model_type {config.model_type!r} has no image-classification model in "
+            f"transformers {transformers.__version__} ({str(e).splitlines()[0]})"
+        ) from None
     return model

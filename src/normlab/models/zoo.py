@@ -14,6 +14,7 @@ then ``LMTask(model="my_lm", gpt={...its options...})``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +33,8 @@ FACTS: dict[str, tuple[str, ...]] = {
     "lm": ("vocab_size", "block_size"),
     "image": ("in_channels", "num_classes"),
 }
+# facts a builder gets only when its signature names them (older builders do not)
+OPTIONAL_FACTS: dict[str, tuple[str, ...]] = {"lm": (), "image": ("image_size",)}
 # facts that checking the options assumes, before the data is loaded
 _CHECK_FACTS: dict[str, dict[str, int]] = {
     "lm": {"vocab_size": 256, "block_size": 64},
@@ -57,6 +60,15 @@ class ModelEntry:
                 )
         if self.check is not None:
             self.check(options)
+
+    def make(self, options: Mapping[str, Any], **facts: Any) -> nn.Module:
+        """``build(options, **facts)``, passing an optional fact only to a builder that takes it."""
+        optional = [k for k in OPTIONAL_FACTS[self.task] if k in facts]
+        if optional:
+            params = inspect.signature(self.build).parameters
+            takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            facts = {k: v for k, v in facts.items() if k not in optional or k in params or takes_all}
+        return self.build(options, **facts)
 
 
 MODELS: Registry[ModelEntry] = Registry("model")

@@ -1,7 +1,8 @@
 """Studies: each reproduces seed papers' headline claims on real data, with verdicts and a report.
 
 A study is one file here that calls :func:`register_study`, plus one name in the import below.
-``normlab study list`` shows them; ``normlab study NAME`` runs one; ``normlab report DIR``
+``normlab study list`` shows them; ``normlab study NAME`` runs one; ``normlab study FILE.toml``
+(or ``.py``) runs the user's own (:mod:`normlab.studies.userfile`); ``normlab report DIR``
 rewrites a report.
 """
 
@@ -33,8 +34,16 @@ from normlab.studies.framework import (
     list_studies,
     register_study,
 )
-from normlab.studies.report import claims_markdown, claims_text, collect, write_report
+from normlab.studies.report import (
+    claims_markdown,
+    claims_text,
+    collect,
+    ranking_markdown,
+    ranking_text,
+    write_report,
+)
 from normlab.studies.runner import run_study
+from normlab.studies.userfile import StudyFileError, load_study_file, study_from_dict
 
 __all__ = [
     "STUDIES",
@@ -48,6 +57,7 @@ __all__ = [
     "Similar",
     "Stats",
     "Study",
+    "StudyFileError",
     "StudyOptions",
     "claims_markdown",
     "claims_text",
@@ -55,7 +65,11 @@ __all__ = [
     "get_study",
     "grid",
     "list_studies",
+    "load_study_file",
+    "ranking_markdown",
+    "ranking_text",
     "register_study",
     "run_study",
+    "study_from_dict",
     "write_report",
 ]

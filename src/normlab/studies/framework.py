@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from normlab.registry import Registry
+from normlab.studies.overrides import apply_to_specs
 from normlab.train.config import RunConfig
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
@@ -44,12 +45,15 @@ class StudyOptions:
         scale: multiplies every run's step count (``steps(n)``); 1 is the study as designed.
         corpus: the text corpus of language-model runs (``"shakespeare"`` or ``"bible"``).
         images: the image data set (``"auto"``, ``"fashion-mnist"``, ``"mnist5k"``).
+        sets: ``--set`` overrides, ``(key, value)`` pairs (:mod:`normlab.studies.overrides`),
+            applied to every run of a registered study; a study file applies them to its text.
     """
 
     seeds: int | None = None
     scale: float = 1.0
     corpus: str = "shakespeare"
     images: str = "auto"
+    sets: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.seeds is not None and (isinstance(self.seeds, bool) or self.seeds < 1):
@@ -442,6 +446,10 @@ class Study:
         metrics: extra run metrics, ``name -> fn(records, summary)``.
         default_seeds: seeds per cell when ``--seeds`` is not given.
         budget: the expected wall time, said in ``normlab study list``.
+        rank: rank the cells by a metric in the report: ``{"metric": ..., "lower_is_better":
+            ...}`` (user studies; ``None``: no ranking).
+        source: where a study file came from (``{"file", "format", "text", "sets"}``), written
+            into the plan; ``None`` for a registered study.
     """
 
     name: str
@@ -453,12 +461,17 @@ class Study:
     metrics: Mapping[str, MetricFn] = field(default_factory=dict)
     default_seeds: int = 2
     budget: str = ""
+    rank: Mapping[str, Any] | None = None
+    source: Mapping[str, Any] | None = None
 
     def specs(self, options: StudyOptions) -> list[RunSpec]:
-        """The grid with seeds resolved; keys are checked to be unique."""
+        """The grid with seeds resolved and ``options.sets`` applied (a TOML study applied them
+        to its text already); keys are checked to be unique."""
         if options.seeds is None:
             options = dataclasses.replace(options, seeds=self.default_seeds)
         specs = self.grid(options)
+        if options.sets and not (self.source and self.source.get("format") == "toml"):
+            specs = apply_to_specs(specs, options.sets, study=self.name)
         keys = [s.key for s in specs]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
@@ -473,12 +486,13 @@ class Study:
 
 
 STUDIES: Registry[Study] = Registry("study")
+RESERVED_NAMES = ("list", "init")
 
 
 def register_study(study: Study) -> Study:
     """Register ``study`` under its name; returns it (``STUDY = register_study(Study(...))``)."""
-    if study.name == "list":
-        raise ValueError("register_study: 'list' is reserved for `normlab study list`")
+    if study.name in RESERVED_NAMES:
+        raise ValueError(f"register_study: {study.name!r} is reserved for `normlab study {study.name}`")
     STUDIES.register(study.name)(study)
     return study
 

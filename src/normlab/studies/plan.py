@@ -50,6 +50,8 @@ def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict
         "options": asdict(options),
         "environment": environment(),
         "claims": [c.to_dict() for c in study.claims],
+        **({"rank": dict(study.rank)} if study.rank else {}),
+        **({"source": dict(study.source)} if study.source else {}),
         "plots": [p.to_dict() for p in study.plots],
         "runs": [
             {

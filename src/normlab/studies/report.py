@@ -20,6 +20,7 @@ from typing import Any
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
 from normlab.studies.plan import ERROR_FILE, load_plan, run_dir
+from normlab.studies.stats import welch_interval
 from normlab.train.logger import json_safe, read_jsonl, summarize
 from normlab.train.rundir import METRICS_FILE, RESULT_FILE, write_json
 
@@ -71,6 +72,11 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
     plan = load_plan(study_dir)
     if study is None and plan["study"] in STUDIES:
         study = STUDIES.get(plan["study"])
+    source = plan.get("source") or {}
+    if study is None and source.get("format") == "py" and Path(source["file"]).is_file():
+        from normlab.studies.userfile import load_study_file  # its custom metrics
+
+        study = load_study_file(source["file"])
     custom = dict(study.metrics) if study is not None else {}
     needed = {c["metric"] for c in plan["claims"]}
     builtin = {"train_loss", "diverged"}
@@ -126,6 +132,7 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         cell["curves"] = _cell_curves([r["_records"] for r in finished])
 
     claims = [_evaluate_claim(c, runs) for c in plan["claims"]]
+    ranking = _ranking(plan["rank"], cells, runs) if plan.get("rank") else []
     for run in runs.values():
         del run["_records"]
     counts = {
@@ -140,10 +147,98 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         "environment": plan.get("environment", {}),
         "run_counts": counts,
         "claims": claims,
+        "rank": plan.get("rank"),
+        "ranking": ranking,
+        "source": {k: v for k, v in (plan.get("source") or {}).items() if k != "text"},
         "cells": cells,
         "runs": runs,
         "plots": [],
     }
+
+
+def _ranking(
+    rank: Mapping[str, Any], cells: Mapping[str, Any], runs: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The cells of ``rank["group"]`` from best to worst by the mean of ``rank["metric"]``, each
+    with Welch's 95% interval of its difference to the best cell, ``mean_cell - mean_best``."""
+    metric, lower = rank["metric"], bool(rank["lower_is_better"])
+    rows = []
+    for name, cell in cells.items():
+        if cell["group"] != rank.get("group", cell["group"]):
+            continue
+        values = [
+            runs[k]["metrics"][metric]
+            for k in sorted(cell["runs"], key=lambda k: int(runs[k]["seed"]))
+            if _measured(runs[k], metric)
+        ]
+        rows.append(
+            {
+                "cell": name,
+                "params": cell["params"],
+                "values": values,
+                "runs": len(cell["runs"]),
+                "diverged": cell.get("diverged", 0),
+            }
+        )
+    measured = [r for r in rows if r["values"]]
+    measured.sort(key=lambda r: Stats(tuple(r["values"])).mean * (1 if lower else -1))
+    best = measured[0]["values"] if measured else []
+    out = []
+    for i, r in enumerate(measured + [r for r in rows if not r["values"]]):
+        s = Stats(tuple(r["values"]))
+        ci = welch_interval(r["values"], best) if r["values"] and i > 0 else None
+        out.append(
+            {
+                "rank": i + 1 if r["values"] else None,
+                "cell": r["cell"],
+                "params": r["params"],
+                "metric": metric,
+                "mean": s.mean if r["values"] else None,
+                "sd": s.sd if r["values"] else None,
+                "n": s.n,
+                "runs": r["runs"],
+                "diverged": r["diverged"],
+                "diff_to_best": None if ci is None else ci[0],
+                "ci95": None if ci is None else [ci[1], ci[2]],
+            }
+        )
+    return out
+
+
+def _ranking_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rank = results["rank"]
+    ranking = results["ranking"]
+    params = list(ranking[0]["params"]) if ranking else []
+    direction = "lower" if rank["lower_is_better"] else "higher"
+    header = ["#", *params, f"{rank['metric']} ({direction} is better)", "seeds", "diff to best [95% CI]"]
+    rows = []
+    for r in ranking:
+        value = "n/a" if r["mean"] is None else f"{r['mean']:.4g} ± {r['sd']:.2g}"
+        if r["rank"] == 1:
+            diff = "best"
+        elif r["ci95"] is None:
+            diff = "n/a (needs 2 seeds a side)" if r["mean"] is not None else "no finished run"
+        else:
+            diff = f"{r['diff_to_best']:+.3g} [{r['ci95'][0]:+.3g}, {r['ci95'][1]:+.3g}]"
+        seeds = f"{r['n']}/{r['runs']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        rows.append([str(r["rank"] or "-"), *(str(r["params"][p]) for p in params), value, seeds, diff])
+    return header, rows
+
+
+def ranking_markdown(results: Mapping[str, Any]) -> str:
+    """The ranked cells (Markdown)."""
+    header, rows = _ranking_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ranking_text(results: Mapping[str, Any]) -> str:
+    """The ranked cells for a terminal, aligned columns."""
+    header, rows = _ranking_rows(results)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*row) for row in [header, *rows])
 
 
 def _cell_curves(records_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -257,11 +352,15 @@ def _md(text: str) -> str:
 
 
 def claims_markdown(results: Mapping[str, Any]) -> str:
-    """The claims table (Markdown)."""
+    """The claims table (Markdown); the paper column only when a claim names a paper."""
+    papers = any(c["paper"] for c in results["claims"])
     lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    if not papers:
+        lines = ["| claim | measured | verdict |", "|---|---|---|"]
     for c in results["claims"]:
         verdict = f"**{VERDICT_MARK[c['verdict']]}**"
-        lines.append(f"| {_md(c['text'])} | {_md(c['paper'])} | {_md(c['measured'])} | {verdict} |")
+        paper = f" {_md(c['paper'])} |" if papers else ""
+        lines.append(f"| {_md(c['text'])} |{paper} {_md(c['measured'])} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -270,7 +369,8 @@ def claims_text(results: Mapping[str, Any]) -> str:
     out = []
     for c in results["claims"]:
         out.append(f"[{VERDICT_MARK[c['verdict']]}] {c['text']}")
-        out.append(f"    paper:    {c['paper']}")
+        if c["paper"]:
+            out.append(f"    paper:    {c['paper']}")
         out.append(f"    measured: {c['measured']}")
         out.append(f"    rule:     {c['why']}")
     return "\n".join(out)
@@ -325,11 +425,29 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
         "",
         f"Study `{results['study']}`, planned {results['created']}. {results['question']}",
         "",
+    ]
+    if results.get("ranking"):
+        lines += [
+            "## Ranking",
+            "",
+            ranking_markdown(results),
+            "",
+            "Mean ± sample sd over seeds; the interval is Welch's 95% confidence interval of the "
+            "difference of means to the best cell (an interval that holds 0 does not separate the two).",
+            "",
+        ]
+    if results.get("source"):
+        src = results["source"]
+        sets = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in src.get("sets", [])) or "none"
+        lines += [f"Study file: `{src['file']}` (its text is in `plan.json`); --set: {sets}.", ""]
+        for d in src.get("dropped_claims", []):
+            lines += [f"- claim **{d['id']}** not evaluated: {d['why']}.", ""]
+    lines += [
         "## Claims",
         "",
-        claims_markdown(results),
+        claims_markdown(results) if results["claims"] else "No claims: the cells are ranked above.",
         "",
-        "Verdict rules, fixed in `plan.json` before the first run:",
+        "Verdict rules, fixed in `plan.json` before the first run:" if results["claims"] else "",
         "",
     ]
     for c in results["claims"]:

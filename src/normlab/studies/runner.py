@@ -23,6 +23,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import threading
@@ -45,8 +46,10 @@ from normlab.train.tasks import prepare_data
 from normlab.train.trainer import train
 
 
-def _init_worker(threads: int, parent: int) -> None:
+def _init_worker(threads: int, parent: int, preload: tuple[str, ...] = ()) -> None:
     torch.set_num_threads(threads)
+    for file in preload:  # a Python study file's own registrations (models, corpora, probes)
+        runpy.run_path(file, run_name="normlab_preload")
     # a worker dies with its study: after a SIGKILL of the parent it must not keep training
     # a run that ``--resume`` will pick up again
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
@@ -95,11 +98,14 @@ def torchrun_command(
     data_dir: str | None = None,
     device: str = "cpu",
     dist_bn: DistBN = DEFAULT_DIST_BN,
+    preload: tuple[str, ...] = (),
 ) -> list[str]:
     """The command that trains one run on ``nproc`` processes of this machine (torchrun)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "normlab.train", "--config", str(config_file), "--run-dir", str(directory), "--resume"]
     cmd += ["--device", device, "--dist-bn", dist_bn]
+    for file in preload:
+        cmd += ["--preload", file]
     return cmd + (["--data-dir", data_dir] if data_dir is not None else [])
 
 
@@ -111,6 +117,7 @@ def _run_one_distributed(
     nproc: int,
     threads: int,
     dist_bn: DistBN,
+    preload: tuple[str, ...] = (),
 ) -> tuple[str, dict[str, Any] | None, str | None, float]:
     """Train one run with torchrun in a subprocess; returns what :func:`_run_one` returns."""
     t0 = time.perf_counter()
@@ -119,7 +126,9 @@ def _run_one_distributed(
     config_file = path / CONFIG_FILE
     if not config_file.exists():  # what train writes first; the launched ranks read it
         write_json(config_file, {"config_hash": config_hash(spec.config), "config": spec.config.to_dict()})
-    cmd = torchrun_command(config_file, path, nproc=nproc, data_dir=data_dir, device=device, dist_bn=dist_bn)
+    cmd = torchrun_command(
+        config_file, path, nproc=nproc, data_dir=data_dir, device=device, dist_bn=dist_bn, preload=preload
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch threads of each rank
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     result = path / RESULT_FILE
@@ -161,6 +170,7 @@ def run_study(
     device: str = "cpu",
     nproc: int = 1,
     dist_bn: DistBN = DEFAULT_DIST_BN,
+    preload: tuple[str, ...] = (),
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``study`` into ``out`` and write its report; returns the results (``results.json``).
@@ -178,6 +188,8 @@ def run_study(
             at a time; ``threads`` is then per process (default ``cores // (jobs * nproc)``).
         dist_bn: BatchNorm statistics across the processes of a run (``"sync"``: over the
             global batch; ``"average"`` / ``"broadcast"``: see :mod:`normlab.train.distributed`).
+        preload: Python files each worker process runs first (a ``.py`` study file, so that
+            what it registers exists in the processes that train).
     """
     options = options or StudyOptions()
     if options.seeds is None:
@@ -219,14 +231,14 @@ def run_study(
     if nproc > 1:
         per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
         _run_with_torchrun(jobs_of, report, jobs=jobs, data_dir=data_dir_s, device=device, nproc=nproc,
-                           threads=per_process, dist_bn=dist_bn)  # fmt: skip
+                           threads=per_process, dist_bn=dist_bn, preload=preload)  # fmt: skip
     elif jobs == 1 or len(todo) <= 1:
         _run_here(jobs_of, report, threads=threads, data_dir=data_dir_s, progress=progress,
                   tensorboard=tensorboard, device=device)  # fmt: skip
     else:
         per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
         _run_in_workers(jobs_of, report, jobs=jobs, threads=per_job, data_dir=data_dir_s,
-                        tensorboard=tensorboard, device=device)  # fmt: skip
+                        tensorboard=tensorboard, device=device, preload=preload)  # fmt: skip
     echo(f"trained {len(todo)} runs in {time.perf_counter() - t0:.1f} s")
     results = write_report(study_dir, study=study, plots=plots)
     if failures:
@@ -299,11 +311,14 @@ def _run_with_torchrun(
     nproc: int,
     threads: int,
     dist_bn: DistBN,
+    preload: tuple[str, ...] = (),
 ) -> None:
     """Each run a torchrun subprocess of ``nproc`` processes, ``jobs`` at a time (threads suffice)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as launcher:
         launches = [
-            launcher.submit(_run_one_distributed, spec, directory, data_dir, device, nproc, threads, dist_bn)
+            launcher.submit(
+                _run_one_distributed, spec, directory, data_dir, device, nproc, threads, dist_bn, preload
+            )
             for spec, directory in todo
         ]
         for launched in concurrent.futures.as_completed(launches):
@@ -340,11 +355,12 @@ def _run_in_workers(
     data_dir: str | None,
     tensorboard: bool,
     device: str,
+    preload: tuple[str, ...] = (),
 ) -> None:
     """``jobs`` spawned worker processes of ``threads`` torch threads each."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid())
+        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid(), preload)
     ) as pool:
         futures = [
             pool.submit(_run_one, spec, directory, data_dir, False, tensorboard, device)

@@ -61,6 +61,13 @@ def parser() -> argparse.ArgumentParser:
         f"or {distributed.DEFAULT_TIMEOUT_S:g})",
     )
     p.add_argument("--progress", action="store_true", help="a progress bar on rank 0")
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run this Python file first (a study file that registers its own models or corpora)",
+    )
     return p
 
 

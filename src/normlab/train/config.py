@@ -17,8 +17,10 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
+import normlab.convert.zoo  # noqa: F401  (registers the "hf" and "factory" models)
 from normlab.data.images import image_set_names
 from normlab.data.text import CORPORA
+from normlab.data.user import TEXT_KINDS, check_source
 from normlab.models import MODELS, ConvNetConfig, GPTConfig, ModelEntry
 from normlab.models.zoo import convnet_config, gpt_config
 from normlab.train.schedules import SCHEDULES, ScheduleName
@@ -109,6 +111,8 @@ class LMTask:
     Attributes:
         corpus: a registered corpus (``"shakespeare"``, ``"bible"``; ``normlab.data.CORPORA``);
             ``level``: ``"char"`` or ``"byte"`` tokens.
+        data: the user's own text instead of ``corpus``: a source of :mod:`normlab.data.user`
+            (``{"kind": "text", "path": ...}``, ``"tokens"``, ``"hf_dataset"``); empty: ``corpus``.
         block_size: tokens per training window.
         model: a registered model of language-model tasks (``normlab.models.MODELS``), by
             default ``"gpt"``, normlab's GPT.
@@ -126,7 +130,8 @@ class LMTask:
     block_size: int = 64
     model: str = "gpt"
     gpt: Mapping[str, Any] = field(default_factory=dict)
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model", "data")
     eval_batches: int = 8
     eval_batch_size: int = 32
     probes: tuple[str, ...] = ("residual",)
@@ -137,6 +142,10 @@ class LMTask:
             raise ValueError(f"{owner}: corpus must be one of {tuple(CORPORA.names())}, got {self.corpus!r}")
         if self.level not in ("char", "byte"):
             raise ValueError(f"{owner}: level must be 'char' or 'byte', got {self.level!r}")
+        if self.data:
+            check_source(self.data, owner=f"{owner}.data")
+            if self.data["kind"] not in TEXT_KINDS:
+                raise ValueError(f"{owner}.data: kind must be one of {TEXT_KINDS}, got {self.data['kind']!r}")
         _model_entry(owner, self.model, "lm").validate(self.gpt)  # now, with a clear error
 
     def gpt_config(self, *, vocab_size: int) -> GPTConfig:
@@ -144,7 +153,7 @@ class LMTask:
 
     def build_model(self, *, vocab_size: int) -> nn.Module:
         """The task's model (``model`` with the options ``gpt``) for a vocabulary of ``vocab_size``."""
-        return MODELS.get(self.model).build(self.gpt, vocab_size=vocab_size, block_size=self.block_size)
+        return MODELS.get(self.model).make(self.gpt, vocab_size=vocab_size, block_size=self.block_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +165,8 @@ class ImageTask:
             :mod:`normlab.data.images`).
         n_train: train on a fixed subset of this many images (``None``: all).
         n_test: evaluate on a fixed subset of this many test images.
+        data: the user's own images instead of ``dataset``: ``{"kind": "images", "path": ...}``
+            (an ImageFolder layout, see :mod:`normlab.data.user`); empty: ``dataset``.
         model: a registered model of image tasks (``normlab.models.MODELS``), by default
             ``"convnet"``, normlab's ConvNet.
         convnet: the model's options: for the ConvNet, :class:`~normlab.models.ConvNetConfig`
@@ -169,7 +180,8 @@ class ImageTask:
     n_test: int = 2000
     model: str = "convnet"
     convnet: Mapping[str, Any] = field(default_factory=dict)
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("model", "data")
     eval_batch_size: int = 500
     probes: tuple[str, ...] = ("activations",)
 
@@ -181,14 +193,23 @@ class ImageTask:
             raise ValueError(f"{owner}: n_train must be >= 1 or None, got {self.n_train!r}")
         if self.n_test < 1:
             raise ValueError(f"{owner}: n_test must be >= 1, got {self.n_test!r}")
+        if self.data:
+            check_source(self.data, owner=f"{owner}.data")
+            if self.data["kind"] != "images":
+                raise ValueError(f"{owner}.data: kind must be 'images', got {self.data['kind']!r}")
         _model_entry(owner, self.model, "image").validate(self.convnet)
 
     def convnet_config(self, *, in_channels: int, num_classes: int) -> ConvNetConfig:
         return convnet_config(self.convnet, in_channels=in_channels, num_classes=num_classes)
 
-    def build_model(self, *, in_channels: int, num_classes: int) -> nn.Module:
+    def build_model(
+        self, *, in_channels: int, num_classes: int, image_size: tuple[int, int] | None = None
+    ) -> nn.Module:
         """The task's model (``model`` with the options ``convnet``) for the data's shape."""
-        return MODELS.get(self.model).build(self.convnet, in_channels=in_channels, num_classes=num_classes)
+        facts: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes}
+        if image_size is not None:
+            facts["image_size"] = image_size
+        return MODELS.get(self.model).make(self.convnet, **facts)
 
 
 def _model_entry(owner: str, name: str, kind: str) -> ModelEntry:

@@ -6,7 +6,10 @@ runs once at the end of training, in eval mode without gradients, on a fixed bat
 validation/test batch). Built in:
 
 - ``"residual"`` (GPT): ``resid_var`` and ``angular`` below;
-- ``"activations"`` (ConvNet): ``act_var`` below.
+- ``"activations"`` (ConvNet): ``act_var`` below;
+- ``"blocks"`` (any model with a stack of blocks, :func:`normlab.structure.find_blocks`):
+  ``resid_var`` (and ``angular``) of each block's output for token models, ``act_var`` for
+  image models, with forward hooks; index 0 is the first block's output.
 
 Definitions:
 
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from normlab.models import GPT, ConvNet
 from normlab.registry import Registry
+from normlab.structure import find_blocks
 
 ProbeFn = Callable[[nn.Module, Tensor], dict[str, Any]]
 PROBES: Registry[ProbeFn] = Registry("probe")
@@ -83,3 +87,31 @@ def probe_convnet(model: nn.Module, x: Tensor) -> dict[str, Any]:
         if not isinstance(layer, (nn.Conv2d,)) and not hasattr(layer, "spec"):
             values.append(float(h.float().var(dim=(0, 2, 3)).mean()))
     return {"act_var": values}
+
+
+@register_probe("blocks")
+@torch.no_grad()
+def probe_blocks(model: nn.Module, batch: Tensor) -> dict[str, Any]:
+    """The output of every block of ``model``'s block stack, on ``batch``, through forward hooks."""
+    stack = find_blocks(model, required=False)
+    if stack is None:
+        raise ValueError(f"probe 'blocks': found no stack of blocks in {type(model).__name__}")
+    outputs: list[Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: Any, out: Any) -> None:
+        first = out if isinstance(out, Tensor) else next((o for o in out if isinstance(o, Tensor)), None)
+        if first is not None:
+            outputs.append(first.detach())
+
+    handles = [module.register_forward_hook(keep) for _, module in stack]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if outputs and outputs[0].ndim == 4:  # images: channels first
+        return {"act_var": [float(h.float().var(dim=(0, 2, 3)).mean()) for h in outputs]}
+    return {
+        "resid_var": [float(h.float().var()) for h in outputs],
+        "angular": angular_distance_matrix(outputs) if outputs and outputs[0].ndim == 3 else [],
+    }

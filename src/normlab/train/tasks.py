@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from normlab.data.images import ImageSet, epoch_order, load_images, subset
 from normlab.data.text import TextCorpus, lm_batch, lm_eval_batches, load_corpus
+from normlab.data.user import load_user_images, load_user_text, source_label
 from normlab.train.config import ImageTask, LMTask, RunConfig
 from normlab.train.probes import get_probe
 
@@ -100,8 +101,9 @@ class LMRuntime:
         return {"val_loss": math.log(self.corpus.vocab_size)}
 
     def describe(self) -> dict[str, Any]:
+        level = "token ids" if self.corpus.level == "tokens" else f"{self.corpus.level}-level"
         return {
-            "data": f"{self.corpus.name} ({self.corpus.level}-level)",
+            "data": f"{self.corpus.name} ({level})",
             "vocab_size": self.corpus.vocab_size,
             "train_tokens": len(self.corpus.train),
             "val_tokens": len(self.corpus.val),
@@ -133,8 +135,8 @@ class ImageRuntime:
         return len(self.train_idx) // self.batch_size  # the last partial batch is dropped
 
     def build_model(self) -> nn.Module:
-        c, _, _ = self.images.image_shape
-        return self.task.build_model(in_channels=c, num_classes=self.images.num_classes)
+        c, h, w = self.images.image_shape
+        return self.task.build_model(in_channels=c, num_classes=self.images.num_classes, image_size=(h, w))
 
     def batch(self, step: int) -> Batch:
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -177,25 +179,45 @@ class ImageRuntime:
         }
 
 
+def _text(task: LMTask, data_dir: str | os.PathLike[str] | None) -> TextCorpus:
+    if task.data:
+        return load_user_text(task.data, level=task.level)
+    return load_corpus(task.corpus, level=task.level, data_dir=data_dir)
+
+
+def _images(task: ImageTask, data_dir: str | os.PathLike[str] | None, *, quiet: bool) -> ImageSet:
+    if task.data:
+        return load_user_images(task.data)
+    return load_images(task.dataset, data_dir=data_dir, quiet=quiet)
+
+
 def make_task(config: RunConfig, *, data_dir: str | os.PathLike[str] | None = None) -> TaskRuntime:
     """Load the data of ``config.task`` and bind it."""
     seed, bs = config.train.seed, config.train.batch_size
     task = config.task
     if isinstance(task, LMTask):
-        corpus = load_corpus(task.corpus, level=task.level, data_dir=data_dir)
-        return LMRuntime(task, corpus, seed=seed, batch_size=bs)
-    images = load_images(task.dataset, data_dir=data_dir, quiet=True)
-    return ImageRuntime(task, images, seed=seed, batch_size=bs)
+        return LMRuntime(task, _text(task, data_dir), seed=seed, batch_size=bs)
+    return ImageRuntime(task, _images(task, data_dir, quiet=True), seed=seed, batch_size=bs)
 
 
 def prepare_data(config: RunConfig, *, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """Load (and cache) the data a run needs, failing early; returns a one-line description."""
+    """Load (and cache) the data a run needs, failing early (data too short for a window, a
+    token id beyond the model's vocabulary); returns a one-line description."""
     task = config.task
+    name = source_label(task.data) if task.data else None
     if isinstance(task, LMTask):
-        corpus = load_corpus(task.corpus, level=task.level, data_dir=data_dir)
+        corpus = _text(task, data_dir)
         n_train, n_val = len(corpus.train), len(corpus.val)
-        return f"{corpus.name} {corpus.level}-level: {n_train:,} train / {n_val:,} val tokens"
-    images = load_images(task.dataset, data_dir=data_dir)
+        for split, n in (("training", n_train), ("validation", n_val)):
+            if n <= task.block_size + 1:
+                raise ValueError(
+                    f"data {name or corpus.name}: the {split} split has {n} tokens, too few for "
+                    f"block_size={task.block_size} (it needs more than {task.block_size + 1})"
+                )
+        level = "token ids" if corpus.level == "tokens" else f"{corpus.level}-level"
+        return f"{name or corpus.name} {level}: {n_train:,} train / {n_val:,} val tokens"
+    images = _images(task, data_dir, quiet=False)
     return (
-        f"{images.name}: {len(images.x_train):,} train / {len(images.x_test):,} test images ({images.source})"
+        f"{name or images.name}: {len(images.x_train):,} train / {len(images.x_test):,} test images, "
+        f"{images.num_classes} classes ({images.source})"
     )
