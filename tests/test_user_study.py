@@ -199,6 +199,28 @@ def test_image_folders_grey_rgb_and_train_test(tmp_path: Path) -> None:
     assert results["run_counts"]["finished"] == 4
 
 
+def test_hf_image_classifier_config_on_an_image_folder(tmp_path: Path, capsys: Any) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    _image_folder(tmp_path / "imgs", mode="RGB", size=(8, 8))
+    vit = "hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 32"
+    vit += ", patch_size = 4"
+    write_study(
+        tmp_path / "s.toml",
+        data='images = "imgs"',
+        model=f'hf = "vit"\nconfig = {{ {vit} }}',
+        train="steps = 2\nbatch_size = 4\nlr = 1e-3\n",
+        sweep='norm = ["layernorm", "dyt"]',
+    )
+    assert run_cli("study", tmp_path / "s.toml", "--out", tmp_path / "out", "--no-progress") == 0
+    final = torch.load(tmp_path / "out" / "runs" / "sweep.norm-dyt-s0" / "final.pt", weights_only=True)
+    assert any(k.endswith(".alpha") for k in final)
+    assert final["model.classifier.weight"].shape[0] == 2  # num_labels from the class folders
+    capsys.readouterr()
+    assert run_cli("report", tmp_path / "out") == 0  # the report of a study file, rewritten
+    assert "test_acc (higher is better)" in capsys.readouterr().out
+
+
 def test_images_of_different_sizes_need_size(tmp_path: Path) -> None:
     pytest.importorskip("PIL")
     _image_folder(tmp_path / "imgs", mode="L", n=3)
@@ -463,6 +485,7 @@ OLMO = (
 )
 BAD = [
     ("misspelt top key", {"extra": "sead = 3"}, "'sead': unknown key"),
+    ("misspelt metric", {"extra": 'metric = "val_los"'}, "'val_los' is not a metric of these runs"),
     ("misspelt train key", {"train": TRAIN + "stepz = 3\n"}, "train.stepz: unknown key"),
     ("unknown norm", {"sweep": 'norm = ["layernrom"]'}, "'layernrom' is not a normlab norm"),
     ("unknown placement", {"sweep": 'placement = ["middle"]'}, "'middle' is not a placement"),

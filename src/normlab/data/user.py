@@ -100,13 +100,19 @@ def _files_of(path: Path, *, owner: str, suffixes: tuple[str, ...] | None = None
         raise ValueError(f"{owner}: {str(path)!r} does not exist")
     if path.is_file():
         return [path]
-    files = sorted(
+    found = sorted(
         p
         for p in path.rglob("*")
         if p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
         and (suffixes is None or p.suffix.lower() in suffixes)
     )
+    seen: set[Path] = set()
+    files = []
+    for p in found:  # a link to a file already read is not read twice
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            files.append(p)
     if not files:
         kinds = f" ({', '.join(suffixes)})" if suffixes else ""
         raise ValueError(f"{owner}: the folder {str(path)!r} holds no files{kinds}")

@@ -108,7 +108,6 @@ DATA_OPTIONS = {
     "image": ("size", "test_fraction", "n_train", "n_test"),
 }
 MODEL_KINDS = ("gpt", "convnet", "hf_config", "hf", "factory")
-MODEL_EXTRAS = ("norm", "placement", "norm_kwargs", "placement_kwargs", "kwargs", "path", "config")
 TASK_TRAIN_FIELDS = {
     "lm": ("block_size", "eval_batches", "eval_batch_size", "probes"),
     "image": ("eval_batch_size", "probes"),
@@ -231,6 +230,8 @@ class _Compiler:
                 raise self.fail("[data]", str(e).removeprefix("data: ")) from None
             fields["data"] = spec
         if kind == "lm" and "level" in table:
+            if source == "tokens":
+                raise self.fail("data.level", "token files hold ids of your own tokenizer: no level")
             fields["level"] = table["level"]
         for k in ("n_train", "n_test"):
             if k in table:
@@ -526,8 +527,8 @@ def study_from_dict(
     train_base, task_base = c.train(kind)
     sweep = c.sweep()
     metric = doc.get("metric", _default_metric(kind))
-    if not isinstance(metric, str):
-        raise c.fail("metric", f"must be a metric name, got {metric!r}")
+    if metric not in METRICS[kind]:
+        raise c.fail("metric", f"{metric!r} is not a metric of these runs: {list(METRICS[kind])}")
 
     for key in ("norm", "model.norm"):
         for value in sweep.get(key, []) + (
@@ -656,8 +657,8 @@ def _claims(
             raise fail(f"{key}.id", f"must be a unique non-empty string, got {cid!r}")
         ids.add(cid)
         metric = table.get("metric", metric_names[0])
-        if not isinstance(metric, str):
-            raise fail(f"{key}.metric", f"must be a metric name ({list(metric_names)}), got {metric!r}")
+        if metric not in metric_names:
+            raise fail(f"{key}.metric", f"{metric!r} is not a metric of these runs: {list(metric_names)}")
         rule, needs_b = _rule(table.get("rule"), metric, f"{key}.rule", fail)
         sides = [
             _side(table.get(s), s, key, needs_b=needs_b, sweep=sweep, narrowed=narrowed, fail=fail)
