@@ -28,6 +28,7 @@ def _names(text: str, flag: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from normlab.cli.study import exit_code
     from normlab.studies import StudyOptions, ranking_text, run_study, study_from_dict
     from normlab.studies.compare import compare_document, diagnose_finals, diagnostics_text
     from normlab.studies.overrides import apply_to_document, parse_set
@@ -73,11 +74,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("\ndiagnostics of the final models (seed 0 of each cell):")
         print(diagnostics_text(diagnose_finals(out, plots=not args.no_plots)))
     print(f"\nreport: {results['report_path']}")
-    failed = results.get("failed_runs", {})
-    if failed:
-        print(f"{len(failed)} run(s) failed (see runs/*/error.txt); rerun with --resume to retry them")
-        return 1
-    return 0
+    return exit_code(results)
 
 
 def add_parser(subparsers: Any) -> None:

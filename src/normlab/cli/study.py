@@ -88,6 +88,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     for dropped in results.get("source", {}).get("dropped_claims", []):
         print(f"claim {dropped['id']} not evaluated: {dropped['why']}")
     print(f"\nreport: {results['report_path']}")
+    return exit_code(results)
+
+
+def exit_code(results: dict[str, Any]) -> int:
+    """1 (saying so) when runs failed, else 0."""
     failed = results.get("failed_runs", {})
     if failed:
         print(f"{len(failed)} run(s) failed (see runs/*/error.txt); rerun with --resume to retry them")

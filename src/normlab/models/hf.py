@@ -90,33 +90,28 @@ def _config_of(config_dict: Mapping[str, Any], where: str) -> Any:
     return hf_config(model_type, data)
 
 
+def _from_auto(auto: str, what: str, config_dict: Mapping[str, Any], where: str) -> nn.Module:
+    transformers = _transformers()
+    config = _config_of(config_dict, where)
+    try:
+        model: nn.Module = getattr(transformers, auto).from_config(config)
+    except ValueError as e:
+        raise ValueError(
+            f"{where}: model_type {config.model_type!r} has no {what} model in transformers "
+            f"{transformers.__version__} ({str(e).splitlines()[0]})"
+        ) from None
+    return model
+
+
 def hf_causal_lm(config_dict: Mapping[str, Any], *, where: str = "hf") -> nn.Module:
     """``AutoModelForCausalLM`` of a ``config.json``'s contents, with random weights.
 
     Raises:
         ValueError: the config's ``model_type`` has no causal-LM class in transformers.
     """
-    transformers = _transformers()
-    config = _config_of(config_dict, where)
-    try:
-        model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError as e:
-        raise ValueError(
-            f"{where}: model_type {config.model_type!r} has no causal-LM model in transformers "
-            f"{transformers.__version__} ({str(e).splitlines()[0]})"
-        ) from None
-    return model
+    return _from_auto("AutoModelForCausalLM", "causal-LM", config_dict, where)
 
 
 def hf_image_classifier(config_dict: Mapping[str, Any], *, where: str = "hf") -> nn.Module:
     """``AutoModelForImageClassification`` of a ``config.json``'s contents, with random weights."""
-    transformers = _transformers()
-    config = _config_of(config_dict, where)
-    try:
-        model: nn.Module = transformers.AutoModelForImageClassification.from_config(config)
-    except ValueError as e:
-        raise ValueError(
-            f"{where}: model_type {config.model_type!r} has no image-classification model in "
-            f"transformers {transformers.__version__} ({str(e).splitlines()[0]})"
-        ) from None
-    return model
+    return _from_auto("AutoModelForImageClassification", "image-classification", config_dict, where)

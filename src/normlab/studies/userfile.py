@@ -546,7 +546,7 @@ def study_from_dict(
             raise c.fail("sweep.placement", f"{value!r} is not a placement; placements: {PLACEMENTS.names()}")
 
     points = [dict(zip(sweep, combo, strict=True)) for combo in itertools.product(*sweep.values())] or [{}]
-    configs: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+    configs: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
     checked: set[str] = set()
     for point in points:
         model = _Model(base_model.entry, json.loads(json.dumps(base_model.options)), base_model.kind)
@@ -568,11 +568,11 @@ def study_from_dict(
         if ident not in checked and model.kind != "factory":
             checked.add(ident)
             _check_builds(config, fail=c.fail, cell=cell)
-        configs[json.dumps(point, sort_keys=True)] = (cell, model.options, train, task)
+        configs[json.dumps(point, sort_keys=True)] = (model.options, train, task)
 
     def build_grid(options: StudyOptions) -> list[RunSpec]:
         def make(*, seed: int, **params: Any) -> RunConfig:
-            _, options_, train, task = configs[json.dumps(params, sort_keys=True)]
+            options_, train, task = configs[json.dumps(params, sort_keys=True)]
             config = _run_config(
                 kind, _Model(base_model.entry, options_, base_model.kind), train, task, seed=seed
             )
@@ -591,7 +591,7 @@ def study_from_dict(
     )
     if dropped:
         source = {**(source or {}), "dropped_claims": dropped}
-    rank_lower = _lower_is_better(metric, doc.get("lower_is_better"), c.fail, "metric")
+    rank_lower = _lower_is_better(metric, None, c.fail, "metric")
     return Study(
         name=name,
         title=title,
