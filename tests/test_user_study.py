@@ -620,6 +620,9 @@ def test_an_existing_study_is_never_overwritten(tmp_path: Path, text_file: Path,
     assert run_cli("study", path, "--out", tmp_path / "out", "--resume", "--no-progress") == 2  # seeds=2 now
     assert "planned differently" in capsys.readouterr().err
     assert (tmp_path / "out" / "runs" / "sweep.norm-rmsnorm-s0" / "final.pt").read_bytes() == before
+    text_file.write_text(TEXT + "one more line\n")  # the data changed: no resume mixes two corpora
+    assert run_cli("study", path, "--out", tmp_path / "out", "--resume", "--set", "seeds=1") == 2
+    assert "planned on other data" in capsys.readouterr().err
 
 
 def test_study_from_dict_errors_name_the_document() -> None:

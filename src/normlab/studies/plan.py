@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from normlab.data.user import source_fingerprint
 from normlab.studies.environment import environment
 from normlab.studies.framework import RunSpec, Study, StudyOptions
 from normlab.train.config import RunConfig, config_hash
@@ -52,6 +53,7 @@ def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict
         "claims": [c.to_dict() for c in study.claims],
         **({"rank": dict(study.rank)} if study.rank else {}),
         **({"source": dict(study.source)} if study.source else {}),
+        **({"data": data} if (data := _user_data(specs)) else {}),
         "plots": [p.to_dict() for p in study.plots],
         "runs": [
             {
@@ -68,8 +70,24 @@ def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict
     }
 
 
+def _user_data(specs: list[RunSpec]) -> list[dict[str, Any]]:
+    """Each user data source of the grid with its files' count, size and latest modification."""
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        source = dict(spec.config.task.data)
+        if source and all(d["source"] != source for d in out):
+            out.append({"source": source, **source_fingerprint(source)})
+    return out
+
+
 def check_same_plan(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     new = json.loads(json.dumps(new))  # tuples become lists, as in the stored plan
+    if old.get("data", []) != new.get("data", []):
+        changed = [d["source"]["path"] for d in new.get("data", []) if d not in old.get("data", [])]
+        raise ValueError(
+            f"{path} was planned on other data: {', '.join(changed) or 'a data source'} changed since "
+            "(files, sizes or modification times). Resume on the same data, or choose a new --out"
+        )
     old_runs = {r["key"]: r["config_hash"] for r in old.get("runs", [])}
     new_runs = {r["key"]: r["config_hash"] for r in new["runs"]}
     changed = sorted(k for k in old_runs.keys() & new_runs.keys() if old_runs[k] != new_runs[k])
