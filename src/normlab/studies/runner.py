@@ -294,6 +294,7 @@ def _prepare_data(specs: list[RunSpec], data_dir: str | None, echo: Callable[[st
                 getattr(task, "corpus", None),
                 getattr(task, "level", None),
                 getattr(task, "dataset", None),
+                sorted(task.data.items()),  # each user data source (and its options) once
             )
         )
         if ident not in seen:
