@@ -148,19 +148,17 @@ def diagnose_finals(
         model = runtime.build_model()
         model.load_state_dict(torch.load(path / FINAL_FILE, map_location="cpu", weights_only=True))
         model.eval()
+        assert isinstance(runtime, (LMRuntime, ImageRuntime))
+        inputs, targets = runtime.probe_batch()  # the batch of the run's end-of-run probes
+        loss_fn = None
         if isinstance(config.task, LMTask):
-            assert isinstance(runtime, LMRuntime)
-            x, y = runtime._eval[0]
-            batch: Any = (x, y)
-            what = f"the first validation batch of the run ({tuple(x.shape)} tokens)"
-            loss_fn = None
+            batch: Any = (inputs, targets)
+            what = f"the first validation batch of the run ({tuple(inputs.shape)} tokens)"
         else:
-            assert isinstance(runtime, ImageRuntime)
-            n = min(len(runtime.x_test), config.task.eval_batch_size)
-            batch, labels = runtime.x_test[:n], runtime.y_test[:n]
-            what = f"the first {n} test images of the run"
+            batch = inputs
+            what = f"the first {len(inputs)} test images of the run"
 
-            def loss_fn(out: Any, labels: Any = labels) -> Any:
+            def loss_fn(out: Any, labels: Any = targets) -> Any:
                 return F.cross_entropy(out, labels)
 
         report = diagnose(

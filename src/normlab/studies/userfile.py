@@ -778,9 +778,3 @@ def _exec_study(path: Path) -> Study:
             f"{path}: defines no STUDY = Study(...) (got {type(study).__name__}); see normlab.studies.Study"
         )
     return study
-
-
-def preload(file: str) -> None:
-    """Run a Python study file in a worker process, so that the models, corpora and probes it
-    registers exist there too."""
-    _exec_study(Path(file))

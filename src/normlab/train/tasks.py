@@ -92,8 +92,12 @@ class LMRuntime:
         total = sum(float(model(x.to(dev), y.to(dev)).loss) for x, y in self._eval)
         return {"val_loss": total / len(self._eval)}
 
+    def probe_batch(self) -> Batch:
+        """The fixed batch of the end-of-run probes: the first validation batch, ``(x, y)``."""
+        return self._eval[0]
+
     def probe(self, model: nn.Module) -> dict[str, Any]:
-        return _run_probes(self.task.probes, model, self._eval[0][0])
+        return _run_probes(self.task.probes, model, self.probe_batch()[0])
 
     def fallback(self) -> dict[str, float]:
         # a diverged language model is counted as the uniform predictor, the loss it can
@@ -163,8 +167,13 @@ class ImageRuntime:
         n = len(self.x_test)
         return {"test_acc": correct / n, "test_loss": total_loss / n}
 
+    def probe_batch(self) -> Batch:
+        """The fixed batch of the end-of-run probes: the first ``eval_batch_size`` test images and labels."""
+        n = self.task.eval_batch_size
+        return self.x_test[:n], self.y_test[:n]
+
     def probe(self, model: nn.Module) -> dict[str, Any]:
-        return _run_probes(self.task.probes, model, self.x_test[: self.task.eval_batch_size])
+        return _run_probes(self.task.probes, model, self.probe_batch()[0])
 
     def fallback(self) -> dict[str, float]:
         k = self.images.num_classes
