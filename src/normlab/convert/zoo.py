@@ -38,7 +38,22 @@ from normlab.convert.convert import convert_norms
 from normlab.models.hf import POSITION_FIELDS, hf_causal_lm, hf_image_classifier
 from normlab.models.zoo import register_model
 
-__all__ = ["Classifier", "LMOutput", "TokenLM", "check_factory", "load_target", "set_norms"]
+__all__ = [
+    "FACTORY_MODELS",
+    "HF_MODELS",
+    "Classifier",
+    "LMOutput",
+    "TokenLM",
+    "check_factory",
+    "load_target",
+    "meta_build",
+    "set_norms",
+]
+
+
+# the registered names of the models below, one per kind of task
+HF_MODELS = ("hf", "hf-image")
+FACTORY_MODELS = ("factory", "factory-image")
 
 
 class LMOutput(NamedTuple):

@@ -6,11 +6,10 @@ that is not TOML is a string (``--set model.norm=dyt``). For a study file the ke
 the file (``train.steps``, ``sweep.norm``, ``data.level``) and is applied before the file is read;
 for a registered study (its grid is code) it changes every run's configuration:
 
-- ``train.K``: a field of :class:`~normlab.train.TrainConfig` (``steps``, ``lr``, ...) or of the task
-  (``block_size``, ``eval_batches``, ...);
-- ``model.K`` (and the shorthands ``norm``, ``placement``, ``norm_kwargs.K``): an option of the model
-  (a :class:`~normlab.models.GPTConfig` / :class:`~normlab.models.ConvNetConfig` field);
-- ``data.K``: a data field of the task (``corpus``, ``level``, ``dataset``, ``n_train``, ``n_test``).
+``train.K``, ``model.K`` (and the shorthands ``norm``, ``placement``, ``norm_kwargs.K``) or
+``data.K``, the keys of a study file's ``[sweep]`` (:class:`Changes` says what each sets). A key
+that names a setting of some runs only (``model.n_embd`` in a study of GPTs and ConvNets) changes
+those.
 
 An override that would make two cells of the grid the same run is refused: it sets what the study
 varies. Every override is written into ``plan.json``.
@@ -23,6 +22,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from normlab.convert.zoo import FACTORY_MODELS, HF_MODELS
 from normlab.train.config import ImageTask, LMTask, RunConfig, TrainConfig, config_hash
 
 if sys.version_info >= (3, 11):
@@ -35,12 +35,14 @@ toml_loads = tomllib.loads
 
 __all__ = [
     "DATA_FIELDS",
+    "Changes",
     "TOMLDecodeError",
     "apply_to_document",
     "apply_to_specs",
-    "override_config",
     "parse_set",
+    "set_path",
     "toml_loads",
+    "train_keys",
 ]
 
 Set = tuple[str, Any]
@@ -72,17 +74,22 @@ def apply_to_document(doc: Mapping[str, Any], sets: Iterable[Set], *, where: str
     """A copy of the study document with each ``(key, value)`` set (tables made as needed)."""
     out: dict[str, Any] = _copy(doc)
     for key, value in sets:
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(
-                    f"{where}: --set {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a table"
-                )
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_path(out, key.split("."), value)
+        except ValueError as e:
+            raise ValueError(f"{where}: --set {key}: {e}") from None
     return out
+
+
+def set_path(node: dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    """``node[p0][p1]...[pn] = value``, making the tables on the way; a non-table on the way is a
+    ``ValueError`` naming it."""
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{'.'.join(parts[: i + 1])} is {child!r}, not a table")
+        node = child
+    node[parts[-1]] = value
 
 
 def _copy(value: Any) -> Any:
@@ -97,62 +104,129 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def override_config(config: RunConfig, key: str, value: Any) -> RunConfig:
-    """``config`` with one ``--set`` applied (see the module docstring)."""
-    task = config.task
-    head, _, rest = key.partition(".")
-    options_field = "gpt" if isinstance(task, LMTask) else "convnet"
-    if head in SHORTHANDS:
-        head, rest = "model", key
-    if head == "train" and rest:
-        if rest in _fields(TrainConfig):
-            if rest == "betas":
-                value = tuple(value)
-            return config.with_train(**{rest: value})
-        task_fields = _fields(type(task)) - DATA_FIELDS - {"model", options_field}
-        if rest in task_fields:
-            return dataclasses.replace(config, task=dataclasses.replace(task, **{rest: value}))
-        raise NotApplicableError(
-            f"--set {key}: {rest!r} is not a training setting; "
-            f"known: {sorted(_fields(TrainConfig) | task_fields)}"
-        )
-    if head == "data" and rest:
-        known = sorted(DATA_FIELDS & _fields(type(task)) - {"data"})
-        if rest not in known:
-            raise ValueError(
-                f"--set {key}: {rest!r} is not a data setting of a {config.kind} task; known: {known}"
-            )
-        return dataclasses.replace(config, task=dataclasses.replace(task, **{rest: value}))
-    if head == "model" and rest:
-        options = _copy(dict(getattr(task, options_field)))
-        name, _, sub = rest.partition(".")
-        known_options = _model_fields(task.model)
-        if known_options is not None and name not in known_options:
-            raise NotApplicableError(
-                f"--set {key}: {name!r} is not an option of model {task.model!r}; "
-                f"known: {sorted(known_options)}"
-            )
-        if sub:
-            table = options.setdefault(name, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"--set {key}: model option {name!r} is {table!r}, not a table")
-            table[sub] = value
+def train_keys(task: type[LMTask] | type[ImageTask]) -> set[str]:
+    """The task fields a ``train.K`` key sets besides TrainConfig's (``block_size``, ``probes``...):
+    those that say neither which data nor which model."""
+    return _fields(task) - DATA_FIELDS - {"model", "gpt", "convnet"}
+
+
+def _tuple_fields(value: Any, name: str) -> Any:
+    return tuple(value) if name in ("betas", "probes") and isinstance(value, list) else value
+
+
+class Changes:
+    """A run's configuration as plain fields, changed key by key, then built (and checked) at once:
+    two keys that only make sense together (``train.batch_size`` and ``train.accum_steps``) are
+    checked together. :meth:`of` starts from a configuration; a study file starts from its tables.
+
+    The keys, shared by ``--set`` and a study file's ``[sweep]``:
+
+    - ``train.K``: a :class:`~normlab.train.TrainConfig` field or a task field of :func:`train_keys`;
+    - ``model.K[.SUB...]`` and the shorthands ``norm``, ``placement``, ``norm_kwargs.K``,
+      ``placement_kwargs.K``: an option of the model. normlab's GPT and ConvNet: a config field;
+      a Hugging Face model (``"hf"``): ``norm``, ``norm_kwargs``, else a field of its config; a
+      factory: ``norm``, ``norm_kwargs``, else an argument of the function;
+    - ``data.K``: an option of the user's data source (``val_fraction``, ``size``, ...), the text
+      ``level``, an image task's ``n_train`` / ``n_test``, or the built-in ``corpus`` /
+      ``dataset`` of a task without user data.
+
+    :meth:`add` raises :class:`NotApplicableError` for a key that names no setting of this run
+    (it may name one of another run's) and ``ValueError`` for a malformed one; :meth:`build` raises
+    what the configuration's own checks raise.
+    """
+
+    def __init__(
+        self, task_cls: type[LMTask] | type[ImageTask], *, task: Mapping[str, Any], train: Mapping[str, Any]
+    ) -> None:
+        self.task_cls = task_cls
+        self.options_field = "gpt" if task_cls is LMTask else "convnet"
+        self.task: dict[str, Any] = _copy(dict(task))
+        self.task.setdefault(self.options_field, {})
+        self.task.setdefault("data", {})
+        self.train: dict[str, Any] = dict(train)
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Changes:
+        def fields(obj: Any) -> dict[str, Any]:
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+        return cls(type(config.task), task=fields(config.task), train=fields(config.train))
+
+    @property
+    def model(self) -> str:
+        return str(self.task.get("model", self.options_field))
+
+    def add(self, key: str, value: Any) -> None:
+        head, _, rest = key.partition(".")
+        if head in SHORTHANDS:
+            head, rest = "model", key
+        if not rest or head not in ("train", "model", "data"):
+            raise ValueError(f"keys are train.NAME, model.NAME, data.NAME, or {', '.join(SHORTHANDS)}")
+        {"train": self._train, "model": self._model, "data": self._data}[head](rest, value)
+
+    def _train(self, name: str, value: Any) -> None:
+        tasks = train_keys(self.task_cls)
+        if name in _fields(TrainConfig):
+            self.train[name] = _tuple_fields(value, name)
+        elif name in tasks:
+            self.task[name] = _tuple_fields(value, name)
         else:
-            options[name] = value
-        new_task: LMTask | ImageTask = dataclasses.replace(task, **{options_field: options})
-        return dataclasses.replace(config, task=new_task)
-    raise ValueError(
-        f"--set {key}: keys are train.NAME, model.NAME, data.NAME, or {', '.join(SHORTHANDS)}"
-        " (seeds and scale have their own flags)"
-    )
+            raise NotApplicableError(
+                f"{name!r} is not a training setting; known: {sorted(_fields(TrainConfig) | tasks)}"
+            )
+
+    def _data(self, name: str, value: Any) -> None:
+        from normlab.data.user import SOURCE_OPTIONS
+
+        data = self.task["data"]
+        source = data.get("kind")
+        lm = self.task_cls is LMTask
+        # the task's own data fields: which built-in set, the text level, the image subsets
+        task_fields = {"level"} if lm and source != "tokens" else set()
+        task_fields |= set() if lm else {"n_train", "n_test"}
+        task_fields |= {"corpus" if lm else "dataset"} if source is None else set()
+        if source is not None and name in SOURCE_OPTIONS[source]:
+            data[name] = value
+        elif name in task_fields:
+            self.task[name] = value
+        else:
+            what = source or ("a built-in corpus" if lm else "a built-in image set")
+            raise NotApplicableError(f"no run of {what} data reads {name!r}")
+
+    def _model(self, path: str, value: Any) -> None:
+        model = self.model
+        parts = path.split(".")
+        name = parts[0]
+        target = self.task[self.options_field]
+        if model in ("gpt", "convnet"):
+            known = _model_options(model)
+            if name not in known:
+                raise NotApplicableError(f"{name!r} is not an option of {model}; options: {sorted(known)}")
+        elif model in (*HF_MODELS, *FACTORY_MODELS):
+            if name in ("placement", "placement_kwargs"):
+                raise NotApplicableError(f"placement applies to normlab's GPT; a {model} model keeps its own")
+            if name not in ("norm", "norm_kwargs") and model in HF_MODELS:
+                from normlab.models.hf import hf_config
+
+                target = target["config"]
+                if name not in set(hf_config(target["model_type"]).to_dict()) | set(target):
+                    raise NotApplicableError(f"{name!r} is not a field of {target['model_type']}'s config")
+            elif name not in ("norm", "norm_kwargs"):
+                target = target.setdefault("kwargs", {})
+        set_path(target, parts, value)
+
+    def build(self) -> RunConfig:
+        """The configuration, checked by its own classes (``TypeError``/``ValueError``)."""
+        return RunConfig(task=self.task_cls(**_copy(self.task)), train=TrainConfig(**self.train))
 
 
-def _model_fields(model: str) -> set[str] | None:
-    """The options normlab's own models take (``None``: a model whose options are not a dataclass)."""
+def _model_options(model: str) -> set[str]:
+    """The options of normlab's own models: their config fields less the data's facts."""
     from normlab.models import ConvNetConfig, GPTConfig
 
-    fields = {"gpt": GPTConfig, "convnet": ConvNetConfig}.get(model)
-    return None if fields is None else _fields(fields)
+    if model == "gpt":
+        return _fields(GPTConfig) - {"vocab_size", "block_size"}
+    return _fields(ConvNetConfig) - {"in_channels", "num_classes"}
 
 
 def apply_to_specs(specs: Sequence[Any], sets: Iterable[Set], *, study: str) -> list[Any]:
@@ -170,16 +244,20 @@ def apply_to_specs(specs: Sequence[Any], sets: Iterable[Set], *, study: str) -> 
     applied: set[str] = set()
     refused: dict[str, str] = {}
     for spec in specs:
-        config = spec.config
+        changes = Changes.of(spec.config)
         for key, value in sets:
             try:
-                config = override_config(config, key, value)
+                changes.add(key, value)
             except NotApplicableError as e:
-                refused.setdefault(key, str(e))
+                refused.setdefault(key, f"--set {key}: {e}")
                 continue
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"study {study!r}: run {spec.key}: {e}") from None
+            except ValueError as e:
+                raise ValueError(f"study {study!r}: --set {key}: {e}") from None
             applied.add(key)
+        try:
+            config = changes.build()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"study {study!r}: run {spec.key}: {e}") from None
         out.append(dataclasses.replace(spec, config=config))
     for key, _ in sets:
         if key not in applied:

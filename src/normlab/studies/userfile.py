@@ -62,10 +62,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab.blocks import PLACEMENTS
-from normlab.convert.zoo import check_factory, meta_build
+from normlab.convert.zoo import FACTORY_MODELS, HF_MODELS, check_factory, meta_build
 from normlab.data.images import image_set_names
 from normlab.data.text import CORPORA
-from normlab.data.user import SOURCE_OPTIONS, check_source
+from normlab.data.user import check_source
 from normlab.models import MODELS
 from normlab.models.hf import hf_config
 from normlab.norms import NORMS
@@ -82,7 +82,7 @@ from normlab.studies.framework import (
     StudyOptions,
     grid,
 )
-from normlab.studies.overrides import Set, TOMLDecodeError, apply_to_document, toml_loads
+from normlab.studies.overrides import Changes, Set, TOMLDecodeError, apply_to_document, toml_loads, train_keys
 from normlab.train.config import ImageTask, LMTask, RunConfig, TrainConfig
 
 __all__ = ["GROUP", "StudyFileError", "load_study_file", "study_from_dict"]
@@ -108,10 +108,7 @@ DATA_OPTIONS = {
     "image": ("size", "test_fraction", "n_train", "n_test"),
 }
 MODEL_KINDS = ("gpt", "convnet", "hf_config", "hf", "factory")
-TASK_TRAIN_FIELDS = {
-    "lm": ("block_size", "eval_batches", "eval_batch_size", "probes"),
-    "image": ("eval_batch_size", "probes"),
-}
+TASKS = {"lm": LMTask, "image": ImageTask}
 LOWER_IS_BETTER = re.compile(r"(loss|diverged|perplexity|ppl|error|err)$")
 HIGHER_IS_BETTER = re.compile(r"(acc|accuracy)$")
 
@@ -122,29 +119,6 @@ class StudyFileError(ValueError):
 
 def _fields(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
-
-
-@dataclasses.dataclass
-class _Model:
-    """The model of a study file: a registered entry and its options (one per cell after the sweep)."""
-
-    entry: str  # "gpt", "convnet", "hf", "hf-image", "factory", "factory-image"
-    options: dict[str, Any]
-    kind: str  # the study file's key: gpt, convnet, hf_config, factory
-
-    def option_names(self) -> tuple[str, ...]:
-        """The option names a sweep may set with ``model.K``."""
-        from normlab.models import ConvNetConfig, GPTConfig
-
-        if self.kind == "gpt":
-            return tuple(k for k in _fields(GPTConfig) if k not in ("vocab_size", "block_size"))
-        if self.kind == "convnet":
-            return tuple(k for k in _fields(ConvNetConfig) if k not in ("in_channels", "num_classes"))
-        if self.kind == "hf_config":
-            config = self.options["config"]
-            defaults = hf_config(config["model_type"]).to_dict()
-            return ("norm", "norm_kwargs", *sorted(set(defaults) | set(config)))
-        return ("norm", "norm_kwargs", *sorted(self.options.get("kwargs", {})), "*")
 
 
 class _Compiler:
@@ -242,7 +216,8 @@ class _Compiler:
             )
         return kind, fields
 
-    def model(self, kind: str, fields: Mapping[str, Any]) -> _Model:
+    def model(self, kind: str) -> tuple[str, dict[str, Any]]:
+        """``(registered model name, its options)`` of ``[model]``."""
         table = self.table("model")
         kinds = [k for k in MODEL_KINDS if k in table]
         if len(kinds) != 1:
@@ -271,7 +246,7 @@ class _Compiler:
             options = table[which]
             if not isinstance(options, dict):
                 raise self.fail(f"model.{which}", f"must be a table of options, got {options!r}")
-            return _Model(which, {**options, **extras}, which)
+            return which, {**options, **extras}
         for k in ("norm_kwargs", "kwargs", "config"):
             if k in extras and not isinstance(extras[k], dict):
                 raise self.fail(f"model.{k}", f"must be a table, got {extras[k]!r}")
@@ -285,7 +260,7 @@ class _Compiler:
                 config = hf_config(table["hf"], extras.pop("config", {})).to_dict()
             except (TypeError, ValueError) as e:
                 raise self.fail("model.hf", str(e)) from None
-            return _Model("hf" + suffix, {"config": config, **extras}, "hf_config")
+            return "hf" + suffix, {"config": config, **extras}
         if which == "hf_config":
             path = Path(self.path("model.hf_config", table["hf_config"]))
             try:
@@ -301,7 +276,7 @@ class _Compiler:
             except ValueError as e:
                 raise self.fail("model.hf_config", str(e)) from None
             config.update(extras.pop("config", {}))
-            return _Model("hf" + suffix, {"config": config, **extras}, which)
+            return "hf" + suffix, {"config": config, **extras}
         target = table["factory"]
         paths = extras.pop("path", ["."])
         paths = [paths] if isinstance(paths, str) else paths
@@ -310,12 +285,12 @@ class _Compiler:
             check_factory(options, where="model.factory")
         except ValueError as e:
             raise self.fail("model.factory", str(e).removeprefix("model.factory: ")) from None
-        return _Model("factory" + suffix, options, which)
+        return "factory" + suffix, options
 
     def train(self, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(TrainConfig fields, task fields)`` of ``[train]``."""
         table = self.table("train")
-        train_fields, task_fields = _fields(TrainConfig), TASK_TRAIN_FIELDS[kind]
+        train_fields, task_fields = _fields(TrainConfig), tuple(sorted(train_keys(TASKS[kind])))
         unknown = sorted(set(table) - set(train_fields) - set(task_fields) - {"seed"})
         if "seed" in table:
             raise self.fail("train.seed", "seeds are set by the top-level seeds = N (seeds 0 .. N-1)")
@@ -357,82 +332,6 @@ class _Compiler:
 
         flatten("", table)
         return out
-
-
-def _set_path(node: dict[str, Any], parts: Sequence[str], value: Any) -> None:
-    for part in parts[:-1]:
-        child = node.get(part)
-        node[part] = child = dict(child) if isinstance(child, dict) else {}
-        node = child
-    node[parts[-1]] = value
-
-
-def _apply(
-    key: str,
-    value: Any,
-    *,
-    model: _Model,
-    train: dict[str, Any],
-    task: dict[str, Any],
-    kind: str,
-    fail: Callable[[str, str], StudyFileError],
-) -> None:
-    """Put one sweep value into the cell's model options, training or task fields."""
-    head, _, rest = key.partition(".")
-    if head in ("norm", "placement", "norm_kwargs", "placement_kwargs"):
-        head, rest = "model", key
-    if head == "model" and rest:
-        name = rest.partition(".")[0]
-        if model.kind in ("gpt", "convnet"):
-            if name not in model.option_names():
-                raise fail(
-                    f"sweep.{key}",
-                    f"{name!r} is not an option of {model.kind}; options: {list(model.option_names())}",
-                )
-            _set_path(model.options, rest.split("."), value)
-        elif name in ("norm", "norm_kwargs"):
-            _set_path(model.options, rest.split("."), value)
-        elif name == "placement" or name == "placement_kwargs":
-            raise fail(
-                f"sweep.{key}", f"placement applies to normlab's GPT; a {model.kind} model keeps its own"
-            )
-        elif model.kind == "hf_config":
-            if name not in model.option_names():
-                raise fail(
-                    f"sweep.{key}",
-                    f"{name!r} is not a field of {model.options['config']['model_type']}'s config",
-                )
-            _set_path(model.options["config"], rest.split("."), value)
-        else:
-            kwargs = model.options.setdefault("kwargs", {})
-            _set_path(kwargs, rest.split("."), value)
-        return
-    if head == "train" and rest:
-        if rest == "seed":
-            raise fail(f"sweep.{key}", "seeds come from the top-level seeds = N")
-        if rest in _fields(TrainConfig):
-            train[rest] = tuple(value) if rest == "betas" else value
-        elif rest in TASK_TRAIN_FIELDS[kind]:
-            task[rest] = tuple(value) if rest == "probes" else value
-        else:
-            raise fail(f"sweep.{key}", f"{rest!r} is not a [train] key")
-        return
-    if head == "data" and rest:
-        source = task.get("data", {}).get("kind")
-        if rest == "level" and kind == "lm" and source != "tokens":
-            task["level"] = value
-        elif rest in ("n_train", "n_test") and kind == "image":
-            task[rest] = value
-        elif source is not None and rest in SOURCE_OPTIONS[source]:
-            task["data"] = {**task["data"], rest: value}
-        else:
-            what = source or ("a built-in corpus" if kind == "lm" else "a built-in image set")
-            raise fail(f"sweep.{key}", f"no run of {what} data reads {rest!r}")
-        return
-    raise fail(
-        f"sweep.{key}",
-        "unknown key; sweep norm, placement, norm_kwargs.K, placement_kwargs.K, model.K, train.K or data.K",
-    )
 
 
 def _default_metric(kind: str) -> str:
@@ -523,7 +422,7 @@ def study_from_dict(
     c = _Compiler(doc, where=where, base=Path(base_dir))
     name, title, question, seeds = c.header()
     kind, data_fields = c.data()
-    base_model = c.model(kind, data_fields)
+    entry, model_options = c.model(kind)
     train_base, task_base = c.train(kind)
     sweep = c.sweep()
     metric = doc.get("metric", _default_metric(kind))
@@ -531,52 +430,48 @@ def study_from_dict(
         raise c.fail("metric", f"{metric!r} is not a metric of these runs: {list(METRICS[kind])}")
 
     for key in ("norm", "model.norm"):
-        for value in sweep.get(key, []) + (
-            [base_model.options["norm"]] if "norm" in base_model.options else []
-        ):
+        for value in sweep.get(key, []) + ([model_options["norm"]] if "norm" in model_options else []):
             if not isinstance(value, str) or value not in NORMS:
                 raise c.fail(
                     f"sweep.{key}" if key in sweep else "model.norm",
                     f"{value!r} is not a normlab norm; norms: {NORMS.names()}",
                 )
     for value in sweep.get("placement", []) + (
-        [base_model.options["placement"]] if "placement" in base_model.options else []
+        [model_options["placement"]] if "placement" in model_options else []
     ):
         if not isinstance(value, str) or value not in PLACEMENTS:
             raise c.fail("sweep.placement", f"{value!r} is not a placement; placements: {PLACEMENTS.names()}")
+    if "train.seed" in sweep:
+        raise c.fail("sweep.train.seed", "seeds come from the top-level seeds = N")
 
+    probes = {"gpt": ("residual",), "convnet": ("activations",)}.get(entry, ("blocks",))
+    options_field = "gpt" if kind == "lm" else "convnet"
+    base_task = {"model": entry, options_field: model_options, "probes": probes, **task_base, **data_fields}
     points = [dict(zip(sweep, combo, strict=True)) for combo in itertools.product(*sweep.values())] or [{}]
-    configs: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+    configs: dict[str, RunConfig] = {}
     checked: set[str] = set()
     for point in points:
-        model = _Model(base_model.entry, json.loads(json.dumps(base_model.options)), base_model.kind)
-        train, task = dict(train_base), {**task_base, **json.loads(json.dumps(data_fields))}
+        changes = Changes(TASKS[kind], task=base_task, train={**train_base, "seed": 0})
         for key, value in point.items():
-            _apply(key, value, model=model, train=train, task=task, kind=kind, fail=c.fail)
-        if model.kind == "hf_config" and task.get("data", {}).get("kind") == "tokens":
-            task["data"] = {"vocab_size": model.options["config"].get("vocab_size"), **task["data"]}
-            if task["data"]["vocab_size"] is None:
-                task["data"].pop("vocab_size")
+            try:
+                changes.add(key, value)
+            except ValueError as e:
+                raise c.fail(f"sweep.{key}", str(e)) from None
         cell = _label(point)
-        probes = {"gpt": ("residual",), "convnet": ("activations",)}.get(model.kind, ("blocks",))
-        task.setdefault("probes", probes)
         try:
-            config = _run_config(kind, model, train, task, seed=0)
+            config = _with_token_vocab(changes.build(), given="vocab_size" in data_fields.get("data", {}))
         except (TypeError, ValueError) as e:
             raise c.fail(f"cell {cell}" if point else "[model]/[train]", str(e)) from None
-        ident = json.dumps([model.entry, model.options], sort_keys=True)
-        if ident not in checked and model.kind != "factory":
+        ident = json.dumps([entry, getattr(config.task, options_field)], sort_keys=True)
+        if ident not in checked and entry not in FACTORY_MODELS:
             checked.add(ident)
             _check_builds(config, fail=c.fail, cell=cell)
-        configs[json.dumps(point, sort_keys=True)] = (model.options, train, task)
+        configs[json.dumps(point, sort_keys=True)] = config
 
     def build_grid(options: StudyOptions) -> list[RunSpec]:
         def make(*, seed: int, **params: Any) -> RunConfig:
-            options_, train, task = configs[json.dumps(params, sort_keys=True)]
-            config = _run_config(
-                kind, _Model(base_model.entry, options_, base_model.kind), train, task, seed=seed
-            )
-            return config.with_train(steps=options.steps(config.train.steps))
+            config = configs[json.dumps(params, sort_keys=True)]
+            return config.with_train(seed=seed, steps=options.steps(config.train.steps))
 
         return grid(GROUP, make, seeds=options.seed_list, points=points)
 
@@ -605,15 +500,18 @@ def study_from_dict(
     )
 
 
-def _run_config(
-    kind: str, model: _Model, train: Mapping[str, Any], task: Mapping[str, Any], *, seed: int
-) -> RunConfig:
-    options = json.loads(json.dumps(model.options))
-    if kind == "lm":
-        lm = LMTask(model=model.entry, gpt=options, **task)
-        return RunConfig(task=lm, train=TrainConfig(seed=seed, **train))
-    img = ImageTask(model=model.entry, convnet=options, **task)
-    return RunConfig(task=img, train=TrainConfig(seed=seed, **train))
+def _with_token_vocab(config: RunConfig, *, given: bool) -> RunConfig:
+    """A Hugging Face model trained on token files keeps its config's vocabulary: the data's
+    ``vocab_size`` (unless the file gave one) is the config's, so that an id beyond it is refused."""
+    task = config.task
+    if task.model not in HF_MODELS or task.data.get("kind") != "tokens" or given:
+        return config
+    vocab = task.gpt["config"].get("vocab_size") if isinstance(task, LMTask) else None
+    if vocab is None:
+        return config
+    return dataclasses.replace(
+        config, task=dataclasses.replace(task, data={**task.data, "vocab_size": vocab})
+    )
 
 
 def _check_builds(config: RunConfig, *, fail: Callable[[str, str], StudyFileError], cell: str) -> None:
