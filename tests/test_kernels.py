@@ -1,7 +1,7 @@
 """normlab.kernels: the fused CPU ops against plain torch, their registration, dispatch and fallbacks.
 
-The first test to need the library builds it (about a minute on 2 cores on a fresh machine, then
-cached in ``~/.cache/normlab``): the session-scoped ``built`` fixture does it once, and every
+``make install`` builds the library ahead (``normlab kernels build``, cached in ``~/.cache/normlab``);
+where it did not, the first test to need the library builds it (about a minute on 2 cores): the session-scoped ``built`` fixture does it once, and every
 test here skips with the build's reason where no compiler is available. The rest of the suite
 (contract, reference, compile) runs with the kernels on, their default.
 """
@@ -421,7 +421,20 @@ def test_double_backward_through_the_fused_ops(name: str) -> None:
     assert torch.autograd.gradgradcheck(module, (x,))
 
 
-def test_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_process_loads_the_cached_build_at_its_first_fused_call() -> None:
+    """After ``normlab kernels build`` (``make install``), a new process compiles nothing."""
+    code = (
+        "import torch, normlab; from normlab.kernels import _build; "
+        "normlab.DyT(256)(torch.randn(64, 256)); s = _build.status(); "
+        "print(s['loaded'], s['source'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "cache"], out.stdout + out.stderr
+    assert "building" not in out.stderr
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("NORMLAB_KERNELS_CACHE", str(tmp_path))  # an empty cache: nothing to load
     fresh = _build.BuildState()
     monkeypatch.setattr(_build, "STATE", fresh)
     monkeypatch.setattr(_build, "_missing_tool", lambda: "no C++ compiler ('c++' not found)")

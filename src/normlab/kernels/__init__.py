@@ -24,10 +24,11 @@ fp32, fp64, bf16 and fp16 inputs; statistics and parameter grads accumulated in 
 fp64). The ops are ``torch.library`` operators with fake kernels and autograd, so
 ``torch.compile`` keeps them in the graph; double backward recomputes through plain torch.
 
-The library is compiled at the first fused call (about a minute, then cached, see
-:func:`status`); with no compiler, the plain-torch path runs after one warning. Switch the
-kernels off with ``NORMLAB_KERNELS=0``, :func:`set_enabled` or the :func:`use_kernels` context
-manager.
+``make install`` compiles the library ahead (``normlab kernels build``); otherwise the first
+fused call compiles it (about a minute on 2 cores, announced on stderr by normlab's logger) and every
+later process loads it from the cache (``NORMLAB_KERNELS_CACHE``, see :func:`status`) in
+milliseconds. With no compiler, the plain-torch path runs after one warning. Switch the kernels off
+with ``NORMLAB_KERNELS=0``, :func:`set_enabled` or the :func:`use_kernels` context manager.
 
 CUDA tensors take Triton kernels for the same operators (:mod:`normlab.kernels.gpu`, registered
 with their autograd by :mod:`normlab.kernels._gpu` at the first CUDA call, when Triton is
@@ -45,12 +46,21 @@ from normlab.kernels._switch import enabled, set_enabled, use_kernels
 
 
 def build(verbose: bool = False) -> bool:
-    """Compile (or load from the cache) the fused CPU ops now; ``True`` if they are usable.
+    """Load the fused CPU ops now, compiling them first if the cache has no build for this machine;
+    ``True`` if they are usable.
 
-    The first fused call does this anyway; calling it up front moves the one-time cost (about a
-    minute on 2 cores) out of the first training step. ``verbose`` shows the compiler output.
+    The first fused call does this anyway; calling it up front moves the one-time cost (about a minute
+    on 2 cores) out of the first training step. ``verbose`` shows the compiler output.
     """
     return _build.ensure_built(verbose=verbose)
+
+
+def clear() -> list[str]:
+    """Delete every cached build (the ``cpu-*`` folders of the cache); returns the folders removed.
+
+    A library already loaded in this process stays usable; the next new process rebuilds.
+    """
+    return [str(p) for p in _build.clear()]
 
 
 def available() -> bool:
@@ -71,6 +81,7 @@ def info() -> dict[str, Any]:
 __all__ = [
     "available",
     "build",
+    "clear",
     "enabled",
     "gpu_status",
     "info",
