@@ -1,8 +1,9 @@
 """normlab.kernels: the fused CPU ops against plain torch, their registration, dispatch and fallbacks.
 
-``make install`` builds the library ahead (``normlab kernels build``, cached in ``~/.cache/normlab``);
-where it did not, the first test to need the library builds it (about a minute on 2 cores): the session-scoped ``built`` fixture does it once, and every
-test here skips with the build's reason where no compiler is available. The rest of the suite
+``make install`` builds the library ahead (``normlab kernels build``, cached in
+``~/.cache/normlab``); where it did not, the first test to need the library builds it (about a
+minute on 2 cores): the session-scoped ``built`` fixture does it once, and every test here skips
+with the build's reason where no compiler is available. The rest of the suite
 (contract, reference, compile) runs with the kernels on, their default.
 """
 
