@@ -387,6 +387,22 @@ def test_every_placement_with_every_norm_trains(placement: str, norm: str) -> No
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+    # FSDP2's fully_shard refuses 0-dim parameters: every scalar is a 1-element vector
+    assert not [n for n, p in model.named_parameters() if p.dim() == 0]
+
+
+def test_a_checkpoint_with_a_0_dim_embed_scale_still_loads() -> None:
+    """``embed_scale`` was 0-dim before it became ``(1,)``; such state dicts load by a pre-hook."""
+    cfg = GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=16, norm="dyt")
+    model = GPT(cfg)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    old["embed_scale"] = torch.tensor(2.5)  # the old 0-dim layout
+    fresh = GPT(cfg)
+    fresh.load_state_dict(old)
+    assert fresh.embed_scale is not None and fresh.embed_scale.shape == (1,)
+    assert fresh.embed_scale.item() == 2.5
+    wrapped = nn.Sequential(fresh)  # the hook reads the prefix of a nested model
+    wrapped.load_state_dict({f"0.{k}": v for k, v in old.items()})
 
 
 def test_norms_a_block_cannot_use_are_refused_with_the_reason() -> None:

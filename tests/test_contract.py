@@ -81,6 +81,13 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_no_parameter_is_0_dim(name: str) -> None:
+    """FSDP2's ``fully_shard`` refuses scalar parameters: a learned scalar is a ``(1,)`` vector."""
+    module = make_norm(name)
+    assert not [n for n, p in module.named_parameters() if p.dim() == 0]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_train_and_eval_agree_unless_running_stats(name: str) -> None:
     module = randomize_params(make_norm(name))
     x = make_input(module, 3)

@@ -68,6 +68,16 @@ class GPTOutput(NamedTuple):
     hidden_states: tuple[Tensor, ...]
 
 
+def _embed_scale_as_vector(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+) -> None:
+    """Checkpoints written before ``embed_scale`` became ``(1,)`` hold it 0-dim: reshape on load."""
+    key = prefix + "embed_scale"
+    value = state_dict.get(key)
+    if isinstance(value, Tensor) and value.dim() == 0:
+        state_dict[key] = value.reshape(1)
+
+
 class GPT(nn.Module):
     """Decoder-only transformer: embeddings, ``n_layer`` blocks of one placement, head.
 
@@ -86,7 +96,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd, **dd)
         norm_spec: NormSpec = NORMS.get(cfg.norm).spec  # type: ignore[attr-defined]
         use_scale = norm_spec.embed_scale if cfg.embed_scale is None else cfg.embed_scale
-        self.embed_scale = nn.Parameter(torch.empty((), **dd)) if use_scale else None
+        # (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters (as the DyT code keeps alpha)
+        self.embed_scale = nn.Parameter(torch.empty(1, **dd)) if use_scale else None
+        self.register_load_state_dict_pre_hook(_embed_scale_as_vector)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(build_block(cfg.placement, cfg, i, **dd) for i in range(cfg.n_layer))
         block_cls = get_placement(cfg.placement, cfg)
