@@ -220,13 +220,15 @@ def worker(rank: int, tmp: str) -> None:
     nd.destroy_process_group(barrier=True)  # as python -m normlab.train does after a finished run
 
 
-def spawn_pair(tmp: Path) -> list[dict[str, Any]]:
-    """Run ``worker`` on 2 spawned ranks; raise with the children's tracebacks on any failure."""
+def spawn_pair(tmp: Path, target: Any = None, deadline_s: float = DEADLINE_S) -> list[dict[str, Any]]:
+    """Run ``target`` (default :func:`worker`) on 2 spawned ranks; it saves ``rank{r}.pt`` or
+    writes ``rank{r}.err``. Raise with the children's tracebacks on any failure."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(rank, str(tmp)), daemon=True) for rank in range(WORLD)]
+    target = worker if target is None else target
+    procs = [ctx.Process(target=target, args=(rank, str(tmp)), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
     hung = [rank for rank, p in enumerate(procs) if p.is_alive()]

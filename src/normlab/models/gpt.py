@@ -98,7 +98,8 @@ class GPT(nn.Module):
         use_scale = norm_spec.embed_scale if cfg.embed_scale is None else cfg.embed_scale
         # (1,), not 0-dim: FSDP2's fully_shard refuses scalar parameters (as the DyT code keeps alpha)
         self.embed_scale = nn.Parameter(torch.empty(1, **dd)) if use_scale else None
-        self.register_load_state_dict_pre_hook(_embed_scale_as_vector)
+        register: Any = self.register_load_state_dict_pre_hook  # untyped in torch
+        register(_embed_scale_as_vector)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(build_block(cfg.placement, cfg, i, **dd) for i in range(cfg.n_layer))
         block_cls = get_placement(cfg.placement, cfg)

@@ -315,12 +315,12 @@ def sync_buffers(model: nn.Module, mode: DistBN, ctx: Context | None) -> int:
     return count
 
 
-def check_identical(model: nn.Module, ctx: Context | None) -> None:
+def check_identical(model: nn.Module, ctx: Context | None, *, parameters: bool = True) -> None:
     """Raise a :class:`RankFailedError` naming the ranks and the first tensor whose parameters
-    or buffers differ from rank 0's (bitwise); a collective."""
+    (unless ``parameters=False``: sharded ones) or buffers differ from rank 0's (bitwise); a collective."""
     if ctx is None:
         return
-    tensors = [*model.named_parameters(), *model.named_buffers()]
+    tensors = [*(model.named_parameters() if parameters else ()), *model.named_buffers()]
     first = -1  # this rank's first tensor that differs from rank 0's
     for i, (_, tensor) in enumerate(tensors):
         reference = tensor.detach().clone()

@@ -88,12 +88,26 @@ def save_state(
     ``rank_rng``: in a data-parallel run, the RNG states of every rank (rank order), gathered
     by rank 0; ``rng`` is then rank 0's, so the checkpoint also resumes single-process.
     """
+    fields = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    return save_meta(path, step=step, config_hash=config_hash, extra=extra, rank_rng=rank_rng, fields=fields)
+
+
+def save_meta(
+    path: str | os.PathLike[str],
+    *,
+    step: int,
+    config_hash: str,
+    extra: dict[str, Any] | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
+    fields: dict[str, Any] | None = None,
+) -> Path:
+    """The checkpoint file of :func:`save_state` with ``fields`` for the model and optimizer
+    (their state dicts, or where a sharded checkpoint keeps them)."""
     payload = {
         "format": FORMAT,
         "step": step,
         "config_hash": config_hash,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **(fields or {}),
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }

@@ -5,16 +5,21 @@
   CPU, nccl on CUDA), each rank on its slice of the global batch, BatchNorm statistics by
   ``dist_bn``, faults raised on every rank together (:mod:`normlab.train.distributed`).
 
-A third (FSDP2) implements the same methods. :func:`make_strategy` picks one from the current
-process group.
+* :class:`~normlab.train.fsdp.FullyShard`: FSDP2 (``fully_shard`` per block), sharded
+  checkpoints through ``torch.distributed.checkpoint``.
+
+:func:`make_strategy` picks one from the current process group and ``dist``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from normlab.norms import convert_sync
@@ -22,13 +27,17 @@ from normlab.train import distributed
 from normlab.train.config import TrainConfig
 from normlab.train.state import rng_state, seed_everything, set_rng_state
 
-__all__ = ["DataParallel", "SingleProcess", "make_strategy"]
+__all__ = ["DIST_MODES", "DataParallel", "SingleProcess", "make_strategy"]
+
+Dist = Literal["ddp", "fsdp"]
+DIST_MODES: tuple[str, ...] = ("ddp", "fsdp")
 
 
 class SingleProcess:
     """One process trains the whole model on the whole batch."""
 
     ctx: distributed.Context | None = None
+    shards_parameters = False  # each process holds a part of every parameter (FSDP)
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +58,30 @@ class SingleProcess:
     def shard(self, batch: tuple[Tensor, Tensor], accum_steps: int) -> tuple[Tensor, Tensor]:
         """This process's part of a step's global batch."""
         return batch
+
+    def gradient_sync(self, model: nn.Module, sync: bool) -> AbstractContextManager[Any]:
+        """Where a micro-batch's backward runs: ``sync=False`` for all but the last of a step
+        (DDP's ``no_sync()``: the gradients are reduced once per step)."""
+        no_sync = getattr(model, "no_sync", None)
+        return no_sync() if no_sync is not None and not sync else nullcontext()
+
+    def clip_grad_norm(self, params: Sequence[Tensor], max_norm: float) -> float:
+        """Clip the gradients to a global 2-norm of ``max_norm``; returns the norm before."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+
+    def grad_norm(self, params: Sequence[Tensor]) -> float:
+        """The global 2-norm of the gradients."""
+        from normlab.train.optim import grad_norm
+
+        return grad_norm(params)
+
+    def full_state_dict(self, net: nn.Module) -> dict[str, Tensor]:
+        """The whole model's state dict on the main process (a collective where sharded)."""
+        return dict(net.state_dict())
+
+    def gathered(self, net: nn.Module) -> AbstractContextManager[Any]:
+        """Where code may call the model's parts directly (the probes): their parameters whole."""
+        return nullcontext()
 
     def step_losses(self, value: float, error: Exception | None, step: int) -> list[float]:
         """Every process's loss of a micro-batch (raising the error of a process that failed)."""
@@ -202,10 +235,23 @@ class DataParallel(SingleProcess):
         return {"rank": failed[0], "ranks": failed}
 
 
-def make_strategy(dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN) -> SingleProcess:
-    """:class:`DataParallel` when a process group of more than one process is initialised, else
-    :class:`SingleProcess`."""
+def make_strategy(
+    dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN, dist: Dist = "ddp", **fsdp: Any
+) -> SingleProcess:
+    """:class:`DataParallel` (``dist="ddp"``) or :class:`~normlab.train.fsdp.FullyShard`
+    (``dist="fsdp"``, with its options ``fsdp``) when a process group of more than one process is
+    initialised, else :class:`SingleProcess`."""
     if dist_bn not in distributed.DIST_BN_MODES:
         raise ValueError(f"train: dist_bn must be one of {distributed.DIST_BN_MODES}, got {dist_bn!r}")
+    if dist not in DIST_MODES:
+        raise ValueError(f"train: dist must be one of {DIST_MODES}, got {dist!r}")
+    if fsdp and dist != "fsdp":
+        raise ValueError(f"train: {sorted(fsdp)} are options of dist='fsdp', not of dist={dist!r}")
     ctx = distributed.context()
-    return SingleProcess() if ctx is None else DataParallel(ctx, dist_bn)
+    if ctx is None:
+        return SingleProcess()
+    if dist == "fsdp":
+        from normlab.train.fsdp import FullyShard
+
+        return FullyShard(ctx, dist_bn, **fsdp)
+    return DataParallel(ctx, dist_bn)

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from normlab._atomic import atomic_torch_save
 from normlab.norms import TrainingHooks, total_aux_loss
 from normlab.train import distributed
 from normlab.train.config import RunConfig, config_hash
+from normlab.train.fsdp import is_sharded_checkpoint, load_sharded, remove_sharded, save_sharded
 from normlab.train.logger import (
     JsonlLogger,
     NoLogger,
@@ -44,7 +45,7 @@ from normlab.train.logger import (
     read_jsonl,
     summarize,
 )
-from normlab.train.optim import deterministic, grad_norm, make_optimizer
+from normlab.train.optim import deterministic, make_optimizer
 from normlab.train.probes import get_probe
 from normlab.train.rundir import (
     CHECKPOINT_FILE,
@@ -57,7 +58,7 @@ from normlab.train.rundir import (
 )
 from normlab.train.schedules import lr_factor
 from normlab.train.state import clean_stale_temps, load_state, save_state, seed_everything
-from normlab.train.strategy import SingleProcess, make_strategy
+from normlab.train.strategy import Dist, SingleProcess, make_strategy
 from normlab.train.tasks import TaskRuntime, make_task
 
 __all__ = ["Trainer", "train"]
@@ -146,6 +147,7 @@ class Trainer:
             else:
                 if main:
                     self.ckpt_path.unlink(missing_ok=True)
+                    remove_sharded(self.ckpt_path)
                 strategy.fresh_rng(cfg.seed)
         except Exception as err:
             error = err
@@ -184,8 +186,11 @@ class Trainer:
     def _resume(self) -> None:
         state = load_state(self.ckpt_path, config_hash=self.digest)
         self.strategy.check_resume(state, self.ckpt_path)
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(state):  # FSDP's: any process count, or none
+            load_sharded(self.ckpt_path, state, self.net, self.optimizer)
+        else:
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.restore_rng(state, self.cfg.seed)
         self.start, self._elapsed = int(state["step"]), float(state["extra"].get("elapsed_s", 0.0))
 
@@ -205,7 +210,7 @@ class Trainer:
             self.logger.log({**record, **self.strategy.diverged(failed, step, self.run_dir)})
             return False
         if cfg.grad_clip is not None:
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=False))
+            self._grad_norm = self.strategy.clip_grad_norm(self.params, cfg.grad_clip)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             self._log_train(done, value, lr)
@@ -268,15 +273,14 @@ class Trainer:
                 return values[bad[0]], bad
             assert loss is not None
             scaled = loss / accum if accum > 1 else loss  # the slice's share of the batch mean
-            no_sync = getattr(self.model, "no_sync", None)
-            with no_sync() if no_sync is not None and i < accum - 1 else nullcontext():
+            with self.strategy.gradient_sync(self.model, sync=i == accum - 1):
                 torch.autograd.backward(scaled)
             total += sum(values) / len(values)  # equal slices: the global mean
         return total / accum, []
 
     def _log_train(self, done: int, value: float, lr: float) -> None:
         if self.cfg.grad_clip is None:
-            self._grad_norm = grad_norm(self.params)
+            self._grad_norm = self.strategy.grad_norm(self.params)
         self.logger.log(
             {"kind": "train", "step": done, "loss": value, "lr": lr, "grad_norm": self._grad_norm}
         )
@@ -301,14 +305,26 @@ class Trainer:
     def checkpoint(self, done: int) -> None:
         """Everything a resumed run needs, after ``done`` steps (the main process writes it)."""
         rngs = self.strategy.gather_rng()
-        if self.strategy.is_main:
+        extra = {"elapsed_s": self._wall(), **self.strategy.checkpoint_extra()}
+        if self.strategy.shards_parameters:  # every process writes its shards
+            save_sharded(
+                self.ckpt_path,
+                model=self.net,
+                optimizer=self.optimizer,
+                step=done,
+                config_hash=self.digest,
+                extra=extra,
+                rank_rng=rngs,
+                is_main=self.strategy.is_main,
+            )
+        elif self.strategy.is_main:
             save_state(
                 self.ckpt_path,
                 model=self.net,
                 optimizer=self.optimizer,
                 step=done,
                 config_hash=self.digest,
-                extra={"elapsed_s": self._wall(), **self.strategy.checkpoint_extra()},
+                extra=extra,
                 rank_rng=rngs,
             )
 
@@ -325,14 +341,20 @@ class Trainer:
         summary: dict[str, Any] = {}
         result_path = self.run_dir / RESULT_FILE
         try:
+            probe: dict[str, Any] | None = None
+            # a sharded model's forward is a collective: every process runs the probes' forwards
+            if self.config.task.probes and (strategy.is_main or strategy.shards_parameters):
+                self.net.eval()
+                with strategy.gathered(self.net):
+                    probe = self.runtime.probe(self.net)
+            full = strategy.full_state_dict(self.net)
             if strategy.is_main:
                 metrics_path = self.run_dir / METRICS_FILE
-                if self.config.task.probes:
+                if probe is not None:
                     last_step = max((int(r.get("step", 0)) for r in read_jsonl(metrics_path)), default=0)
-                    self.net.eval()
-                    self.logger.log({"kind": "probe", "step": last_step, **self.runtime.probe(self.net)})
+                    self.logger.log({"kind": "probe", "step": last_step, **probe})
                 self.logger.close()
-                state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+                state = {k: v.detach().cpu() for k, v in full.items()}
                 atomic_torch_save(state, self.run_dir / FINAL_FILE)
                 summary = summarize(read_jsonl(metrics_path))
                 summary.update(
@@ -347,6 +369,7 @@ class Trainer:
                 )
                 write_json(result_path, json_safe(summary))
                 self.ckpt_path.unlink(missing_ok=True)
+                remove_sharded(self.ckpt_path)
         except Exception as err:
             error = err
         strategy.raise_together(error, "writing the results")  # also the barrier before reading
@@ -367,6 +390,8 @@ def train(
     task: TaskRuntime | None = None,
     device: str | torch.device = "cpu",
     dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN,
+    dist: Dist = "ddp",
+    fsdp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` in ``run_dir`` and return its summary: :class:`Trainer` with the strategy
     of the current process group.
@@ -382,6 +407,10 @@ def train(
     the unwrapped model (the keys of a single-process run, so either resumes the other) and every
     rank's RNG state; a resume with the same world size is bit-exact. At the end every rank
     checks that its parameters and buffers equal rank 0's, bitwise.
+
+    ``dist="fsdp"`` shards the model with FSDP2 instead (:class:`~normlab.train.fsdp.FullyShard`,
+    options ``fsdp``: ``reshard_after_forward``, ``param_dtype``): the same batches and
+    statistics, checkpoints sharded through ``torch.distributed.checkpoint``.
     """
     return Trainer(
         config,
@@ -393,7 +422,7 @@ def train(
         on_step=on_step,
         task=task,
         device=device,
-        strategy=make_strategy(dist_bn),
+        strategy=make_strategy(dist_bn, dist, **(fsdp or {})),
     ).run()
 
 
