@@ -526,5 +526,5 @@ def test_the_study_runner_launches_torchrun() -> None:
     assert cmd[1:] == [
         *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "normlab.train"),
         *("--config", "r/config.json", "--run-dir", "r", "--resume", "--device", "cpu"),
-        *("--dist-bn", "average", "--data-dir", "d"),
+        *("--dist-bn", "average", "--dist", "ddp", "--data-dir", "d"),
     ]

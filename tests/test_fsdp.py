@@ -28,6 +28,8 @@ from torch import Tensor
 
 import normlab
 from normlab.models import GPT, GPTConfig
+from normlab.studies import RunSpec, get_study
+from normlab.studies.runner import _run_one_distributed, run_study
 from normlab.train import LMTask, RunConfig, TrainConfig, train
 from normlab.train import distributed as nd
 from normlab.train.fsdp import FullyShard
@@ -321,3 +323,32 @@ def test_fsdp_trains_like_one_process_on_the_global_batch(tmp_path: Path) -> Non
         assert not failures, "\n".join(failures)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_torchrun_trains_with_dist_fsdp(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``normlab study --nproc 2 --dist fsdp``'s launch: ``torchrun -m normlab.train --dist fsdp``,
+    checkpointing through DCP, ends where single-process training on the global batch ends."""
+    monkeypatch.setenv("NORMLAB_KERNELS", "0")
+    monkeypatch.setenv(nd.TIMEOUT_ENV, "30")
+    config = lm_config(steps=4, ckpt_every=2, **SGD)
+    spec = RunSpec(group="lm", cell="fsdp", params={}, seed=0, config=config)
+    run = tmp_path / "run"
+    launch = (str(data_dir), "cpu", WORLD, 1, "sync", (), "fsdp")
+    _, summary, error, _ = _run_one_distributed(spec, str(run), *launch)
+    assert error is None, (run / "error.txt").read_text()
+    assert summary is not None and summary["dist"] == "fsdp" and summary["world_size"] == WORLD
+    assert [r["dist"] for r in records(run, "start")] == ["fsdp"]
+    single = tmp_path / "single"
+    train(config, single, data_dir=data_dir)
+    assert max_diff(final_state(run), final_state(single)) <= 1e-6
+
+
+def test_fsdp_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"dist='fsdp' shards each run over processes: it needs nproc >= 2"):
+        run_study(get_study("quick"), "unused", nproc=1, dist="fsdp")
+    with pytest.raises(ValueError, match="dist must be one of"):
+        train(lm_config(), "unused", dist="zero3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\['param_dtype'\] are options of dist='fsdp'"):
+        train(lm_config(), "unused", fsdp={"param_dtype": "bf16"})

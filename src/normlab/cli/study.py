@@ -75,6 +75,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             nproc=args.nproc,
             dist_bn=args.dist_bn,
             preload=preload,
+            dist=args.dist,
         )
     except KeyboardInterrupt:
         again = " ".join([args.name, *(f"--set {k}={v!r}" for k, v in sets)])
@@ -176,6 +177,13 @@ def add_parser(subparsers: Any) -> None:
         choices=["sync", "average", "broadcast"],
         help="BatchNorm statistics with --nproc > 1: sync (default: over the global batch), "
         "average or broadcast (running statistics synced before each evaluation and checkpoint)",
+    )
+    p.add_argument(
+        "--dist",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="with --nproc > 1: ddp (default, DistributedDataParallel) or fsdp (FSDP2 fully_shard "
+        "per block, sharded checkpoints)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (runs/*/tb)")

@@ -42,6 +42,7 @@ from normlab.studies.report import write_report
 from normlab.train.config import config_hash
 from normlab.train.distributed import DEFAULT_DIST_BN, DIST_BN_MODES, DistBN
 from normlab.train.rundir import CONFIG_FILE, RESULT_FILE, write_json
+from normlab.train.strategy import DIST_MODES, Dist
 from normlab.train.tasks import prepare_data
 from normlab.train.trainer import train
 
@@ -99,11 +100,12 @@ def torchrun_command(
     device: str = "cpu",
     dist_bn: DistBN = DEFAULT_DIST_BN,
     preload: tuple[str, ...] = (),
+    dist: Dist = "ddp",
 ) -> list[str]:
     """The command that trains one run on ``nproc`` processes of this machine (torchrun)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "normlab.train", "--config", str(config_file), "--run-dir", str(directory), "--resume"]
-    cmd += ["--device", device, "--dist-bn", dist_bn]
+    cmd += ["--device", device, "--dist-bn", dist_bn, "--dist", dist]
     for file in preload:
         cmd += ["--preload", file]
     return cmd + (["--data-dir", data_dir] if data_dir is not None else [])
@@ -118,6 +120,7 @@ def _run_one_distributed(
     threads: int,
     dist_bn: DistBN,
     preload: tuple[str, ...] = (),
+    dist: Dist = "ddp",
 ) -> tuple[str, dict[str, Any] | None, str | None, float]:
     """Train one run with torchrun in a subprocess; returns what :func:`_run_one` returns."""
     t0 = time.perf_counter()
@@ -127,8 +130,9 @@ def _run_one_distributed(
     if not config_file.exists():  # what train writes first; the launched ranks read it
         write_json(config_file, {"config_hash": config_hash(spec.config), "config": spec.config.to_dict()})
     cmd = torchrun_command(
-        config_file, path, nproc=nproc, data_dir=data_dir, device=device, dist_bn=dist_bn, preload=preload
-    )
+        config_file, path, nproc=nproc, data_dir=data_dir, device=device, dist_bn=dist_bn, preload=preload,
+        dist=dist,
+    )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch threads of each rank
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     result = path / RESULT_FILE
@@ -172,6 +176,7 @@ def run_study(
     dist_bn: DistBN = DEFAULT_DIST_BN,
     preload: tuple[str, ...] = (),
     echo: Callable[[str], None] = print,
+    dist: Dist = "ddp",
 ) -> dict[str, Any]:
     """Run ``study`` into ``out`` and write its report; returns the results (``results.json``).
 
@@ -188,6 +193,8 @@ def run_study(
             at a time; ``threads`` is then per process (default ``cores // (jobs * nproc)``).
         dist_bn: BatchNorm statistics across the processes of a run (``"sync"``: over the
             global batch; ``"average"`` / ``"broadcast"``: see :mod:`normlab.train.distributed`).
+        dist: how a run of ``nproc > 1`` processes is spread: ``"ddp"`` (DistributedDataParallel)
+            or ``"fsdp"`` (FSDP2, :mod:`normlab.train.fsdp`).
         preload: Python files each worker process runs first (a ``.py`` study file, so that
             what it registers exists in the processes that train).
     """
@@ -195,8 +202,9 @@ def run_study(
     if options.seeds is None:
         options = replace(options, seeds=study.default_seeds)
     _check_settings(
-        jobs=jobs, threads=threads, nproc=nproc, dist_bn=dist_bn, device=device, tensorboard=tensorboard
-    )
+        jobs=jobs, threads=threads, nproc=nproc, dist_bn=dist_bn, device=device, tensorboard=tensorboard,
+        dist=dist,
+    )  # fmt: skip
     study_dir = Path(out)
     specs = study.specs(options)
     plan = make_plan(study, options, specs)
@@ -231,7 +239,7 @@ def run_study(
     if nproc > 1:
         per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
         _run_with_torchrun(jobs_of, report, jobs=jobs, data_dir=data_dir_s, device=device, nproc=nproc,
-                           threads=per_process, dist_bn=dist_bn, preload=preload)  # fmt: skip
+                           threads=per_process, dist_bn=dist_bn, preload=preload, dist=dist)  # fmt: skip
     elif jobs == 1 or len(todo) <= 1:
         _run_here(jobs_of, report, threads=threads, data_dir=data_dir_s, progress=progress,
                   tensorboard=tensorboard, device=device)  # fmt: skip
@@ -250,7 +258,14 @@ Jobs = list[tuple[RunSpec, str]]  # each run and its directory
 
 
 def _check_settings(
-    *, jobs: int, threads: int | None, nproc: int, dist_bn: str, device: str, tensorboard: bool
+    *,
+    jobs: int,
+    threads: int | None,
+    nproc: int,
+    dist_bn: str,
+    device: str,
+    tensorboard: bool,
+    dist: str = "ddp",
 ) -> None:
     """Refuse settings the runner cannot honour, before anything is written."""
     if isinstance(jobs, bool) or jobs < 1:
@@ -261,6 +276,12 @@ def _check_settings(
         raise ValueError(f"run_study: nproc must be an int >= 1, got {nproc!r}")
     if dist_bn not in DIST_BN_MODES:
         raise ValueError(f"run_study: dist_bn must be one of {DIST_BN_MODES}, got {dist_bn!r}")
+    if dist not in DIST_MODES:
+        raise ValueError(f"run_study: dist must be one of {DIST_MODES}, got {dist!r}")
+    if dist != "ddp" and nproc < 2:
+        raise ValueError(
+            f"run_study: dist={dist!r} shards each run over processes: it needs nproc >= 2, got nproc={nproc}"
+        )
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run_study: device {device!r} requested but CUDA is not available here")
     if tensorboard:
@@ -313,15 +334,12 @@ def _run_with_torchrun(
     threads: int,
     dist_bn: DistBN,
     preload: tuple[str, ...] = (),
+    dist: Dist = "ddp",
 ) -> None:
     """Each run a torchrun subprocess of ``nproc`` processes, ``jobs`` at a time (threads suffice)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as launcher:
-        launches = [
-            launcher.submit(
-                _run_one_distributed, spec, directory, data_dir, device, nproc, threads, dist_bn, preload
-            )
-            for spec, directory in todo
-        ]
+        args = (data_dir, device, nproc, threads, dist_bn, preload, dist)
+        launches = [launcher.submit(_run_one_distributed, spec, directory, *args) for spec, directory in todo]
         for launched in concurrent.futures.as_completed(launches):
             report(*launched.result())
 

@@ -1,6 +1,7 @@
 """``python -m normlab.train --config CONFIG.json --run-dir DIR [--resume]``: train one run.
 
-Single-process, or data-parallel under ``torchrun`` (what ``torchrun -m normlab.train`` runs):
+Single-process, or data-parallel under ``torchrun`` (what ``torchrun -m normlab.train`` runs),
+with DDP or (``--dist fsdp``) FSDP2:
 
     torchrun --standalone --nproc_per_node 4 -m normlab.train --config config.json --run-dir runs/x --resume
 
@@ -22,6 +23,8 @@ from typing import Any
 
 from normlab.train import distributed
 from normlab.train.config import RunConfig
+from normlab.train.fsdp import PARAM_DTYPES
+from normlab.train.strategy import DIST_MODES
 from normlab.train.trainer import train
 
 
@@ -55,6 +58,24 @@ def parser() -> argparse.ArgumentParser:
         help="BatchNorm statistics across processes (default: sync, over the global batch)",
     )
     p.add_argument(
+        "--dist",
+        default="ddp",
+        choices=DIST_MODES,
+        help="under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2: fully_shard per "
+        "block, checkpoints sharded with torch.distributed.checkpoint)",
+    )
+    p.add_argument(
+        "--fsdp-param-dtype",
+        default="fp32",
+        choices=tuple(PARAM_DTYPES),
+        help="with --dist fsdp: compute in this dtype (MixedPrecisionPolicy, fp32 gradient reduction)",
+    )
+    p.add_argument(
+        "--no-reshard-after-forward",
+        action="store_true",
+        help="with --dist fsdp: keep each block's gathered parameters until its backward",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         help=f"process-group timeout in seconds (default: ${distributed.TIMEOUT_ENV} "
@@ -73,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    fsdp: dict[str, Any] = {}
+    if args.dist == "fsdp":
+        fsdp = {"param_dtype": args.fsdp_param_dtype}
+        fsdp["reshard_after_forward"] = not args.no_reshard_after_forward
+    elif args.fsdp_param_dtype != "fp32" or args.no_reshard_after_forward:
+        raise SystemExit(
+            "python -m normlab.train: --fsdp-param-dtype and --no-reshard-after-forward need --dist fsdp"
+        )
     config = load_config(args.config)
     device: Any = args.device
     ctx = None
@@ -87,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=args.progress,
             device=device,
             dist_bn=args.dist_bn,
+            dist=args.dist,
+            fsdp=fsdp,
         )
     except Exception as err:
         if ctx is not None:  # say which process failed: torchrun interleaves every rank's output
