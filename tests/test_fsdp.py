@@ -55,6 +55,7 @@ GLOBAL_BATCH = 8
 OPTIMIZERS = ("sgd", "adamw")
 NO_RESHARD = [(n, p) for n in ("layernorm", "dyt", "batchless") for p in ("pre", "post", "deepnorm")]
 BF16 = [(n, "pre") for n in ("rmsnorm", "dyt", "derf", "layernorm")]
+WHOLE_MODEL = [(n, p) for n in ("rmsnorm", "dyt", "batchless") for p in ("pre", "peri", "mixln")]
 
 DYT_LM = RunConfig(
     task=LMTask(block_size=16, gpt={**TINY_GPT, "norm": "dyt"}, eval_batches=2, eval_batch_size=4),
@@ -166,7 +167,7 @@ def max_relative(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[float, str
 def run_rank(rank: int, out: Path) -> dict[str, Any]:
     ctx = nd.context()
     assert ctx is not None and ctx.rank == rank
-    results: dict[str, Any] = {"sweep": {}, "no-reshard": {}, "bf16": {}}
+    results: dict[str, Any] = {"sweep": {}, "no-reshard": {}, "bf16": {}, "whole": {}}
     keep = rank == 0  # only rank 0's copies travel back
     started = time.perf_counter()
     for norm in TOKEN_NORMS:
@@ -180,6 +181,9 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     for norm, placement in BF16:
         params = sharded_run(ctx, norm, placement, "sgd", param_dtype="bf16")
         results["bf16"][norm, placement] = params if keep else None
+    for norm, placement in WHOLE_MODEL:
+        params = sharded_run(ctx, norm, placement, "adamw", per_block=False)
+        results["whole"][norm, placement] = params if keep else None
     results["sweep-seconds"] = time.perf_counter() - started
 
     runs = out / "runs"
@@ -253,6 +257,9 @@ def check_sweep(ranks: list[dict[str, Any]]) -> None:
     for (norm, placement), params in ranks[0]["no-reshard"].items():
         rel, where = max_relative(params, reference_run(norm, placement, "adamw"))
         assert rel <= 1e-5, ("reshard_after_forward=False", norm, placement, where, rel)
+    for (norm, placement), params in ranks[0]["whole"].items():
+        rel, where = max_relative(params, reference_run(norm, placement, "adamw"))
+        assert rel <= 1e-5, ("one unit for the whole model", norm, placement, where, rel)
     for (norm, placement), params in ranks[0]["bf16"].items():
         reference = reference_run(norm, placement, "sgd")
         start = full_params(build_gpt(norm, placement))
@@ -263,7 +270,7 @@ def check_sweep(ranks: list[dict[str, Any]]) -> None:
     n = len(ranks[0]["sweep"])
     print(f"\nFSDP2 sweep: {n} runs in {ranks[0]['sweep-seconds']:.1f} s; max relative difference:")
     for opt_kind, (rel, where) in worst.items():
-        print(f"  {opt_kind:<6} {rel:.3g} at {where}")
+        print(f"  {opt_kind:<6} " + ("0 (bit for bit in every run)" if rel == 0 else f"{rel:.3g} at {where}"))
 
 
 def check_trainer(tmp: Path, ranks: list[dict[str, Any]]) -> None:
@@ -352,3 +359,157 @@ def test_fsdp_settings_are_checked() -> None:
         train(lm_config(), "unused", dist="zero3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\['param_dtype'\] are options of dist='fsdp'"):
         train(lm_config(), "unused", fsdp={"param_dtype": "bf16"})
+
+
+# ------------------------------------------------------------------------------------------------
+# DTensor: the fused ops on batch- and sequence-sharded inputs, replicated parameters
+
+DTENSOR_NORMS = {
+    "rmsnorm": {},
+    "rmsnorm-outside-bias": {"eps_mode": "outside", "bias": True},
+    "layernorm": {},
+    "layernorm-no-affine": {"elementwise_affine": False},
+    "dyt": {},
+    "derf": {},
+    "lns": {"layer_idx": 2},
+}
+SHAPE = (4, 8, 32)  # (batch, sequence, features)
+
+
+def dtensor_module(label: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = normlab.create_norm(label.split("-")[0], SHAPE[-1], **DTENSOR_NORMS[label])
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module
+
+
+def dtensor_data() -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(SHAPE, generator=g) + 0.2
+    return x, torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+
+
+def dtensor_rank(rank: int, out: Path) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.profiler import profile
+
+    from normlab import functional as NF
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    x_full, g_full, r_full = dtensor_data()
+    results: dict[str, Any] = {}
+    for label in DTENSOR_NORMS:
+        for dim in (0, 1, 2):
+            module = distribute_module(dtensor_module(label), mesh)  # parameters: Replicate()
+            x = distribute_tensor(x_full, mesh, [Shard(dim)]).requires_grad_(True)
+            try:
+                with profile() as prof:
+                    y = module(x)
+                    y.backward(distribute_tensor(g_full, mesh, [Shard(dim)]))
+            except ValueError as err:
+                results[label, dim] = {"refused": str(err)}
+                continue
+            if list(module.parameters()):  # the partial (or sharded) parameter grads, reduced where used
+                torch.optim.SGD(module.parameters(), lr=0.5).step()
+            results[label, dim] = {
+                "placements": [str(p) for p in y.placements],
+                "y": y.full_tensor(),
+                "dx": x.grad.full_tensor(),
+                "dparams": {n: p.grad.full_tensor() for n, p in module.named_parameters()},
+                "stepped": {n: p.full_tensor() for n, p in module.named_parameters()},
+                "ops": sorted({e.name for e in prof.events() if e.name.startswith("normlab::")}),
+            }
+    # the residual-add forms, sequence-sharded
+    w = distribute_tensor(torch.linspace(0.5, 1.5, SHAPE[-1]), mesh, [Replicate()])
+    x = distribute_tensor(x_full, mesh, [Shard(1)])
+    r = distribute_tensor(r_full, mesh, [Shard(1)])
+    for name, fn in (("add_rms_norm", NF.add_rms_norm), ("add_layer_norm", NF.add_layer_norm)):
+        with profile() as prof:
+            y, h = fn(x, r, (SHAPE[-1],), w)
+        results[name] = {
+            "y": y.full_tensor(),
+            "h": h.full_tensor(),
+            "placements": [str(y.placements), str(h.placements)],
+            "ops": sorted({e.name for e in prof.events() if e.name.startswith("normlab::")}),
+        }
+    # torch.compile on top keeps the op in its graph (the graph Dynamo hands its backend)
+    targets: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    module = distribute_module(dtensor_module("rmsnorm"), mesh)
+    x = distribute_tensor(x_full, mesh, [Shard(1)])
+    compiled = torch.compile(module, backend=backend, fullgraph=True)(x)
+    results["compiled"] = {"targets": targets, "y": compiled.full_tensor()}
+    return results
+
+
+def dtensor_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    out = Path(tmp)
+    try:
+        store = f"file://{out / 'store'}"
+        nd.init_process_group("cpu", timeout_s=30, init_method=store, rank=rank, world_size=WORLD)
+        if not normlab.kernels.build():
+            raise RuntimeError(f"the fused kernels are unavailable: {normlab.kernels.status()['reason']}")
+        torch.save(dtensor_rank(rank, out), out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        nd.destroy_process_group()
+        raise
+    nd.destroy_process_group(barrier=True)
+
+
+def test_fused_norms_on_sequence_parallel_dtensors_equal_one_process(tmp_path: Path) -> None:
+    """Sequence (Shard(1)) and batch (Shard(0)) parallel inputs take the fused ops on each shard
+    and equal the unsharded module; a feature-sharded input (Shard(2)) is refused by the per-row
+    norms and computed locally by DyT/Derf with their per-channel parameters sliced alike."""
+    from normlab import functional as NF
+
+    if not normlab.kernels.build():
+        pytest.skip(f"normlab kernels unavailable: {normlab.kernels.status()['reason']}")
+    ranks = spawn_pair(tmp_path, dtensor_worker, deadline_s=120.0)
+    x_full, g_full, r_full = dtensor_data()
+    worst = 0.0
+    for label in DTENSOR_NORMS:
+        kind = label.split("-")[0]
+        reference = dtensor_module(label)
+        x = x_full.clone().requires_grad_(True)
+        y = reference(x)
+        y.backward(g_full)
+        if list(reference.parameters()):
+            torch.optim.SGD(reference.parameters(), lr=0.5).step()
+        for dim in (0, 1, 2):
+            got = ranks[0][label, dim]
+            if dim == 2 and kind in ("rmsnorm", "layernorm", "lns"):
+                assert "sharded on dim 2 (S(2)), a dimension it normalizes over" in got["refused"], got
+                continue
+            assert "refused" not in got, (label, dim, got)
+            forward = {"dyt": "dyt", "derf": "derf", "rmsnorm": "rms_norm"}.get(kind, "layer_norm")
+            expected = [f"normlab::{forward}", f"normlab::{forward}_backward"]
+            assert got["ops"] == expected, (label, dim, got["ops"])
+            assert got["placements"] == [f"S({dim})"]
+            torch.testing.assert_close(got["y"], y, rtol=0, atol=0)
+            torch.testing.assert_close(got["dx"], x.grad, rtol=0, atol=0)
+            for name, p in reference.named_parameters():
+                assert p.grad is not None
+                diff = float((got["dparams"][name] - p.grad).abs().max())
+                worst = max(worst, diff / max(float(p.grad.abs().max()), 1e-12))
+                torch.testing.assert_close(got["dparams"][name], p.grad, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got["stepped"][name], p.detach(), rtol=1e-5, atol=1e-5)
+    w = torch.linspace(0.5, 1.5, SHAPE[-1])
+    for name, fn in (("add_rms_norm", NF.add_rms_norm), ("add_layer_norm", NF.add_layer_norm)):
+        y, h = fn(x_full, r_full, (SHAPE[-1],), w)
+        got = ranks[0][name]
+        assert got["ops"] == [f"normlab::{name}"] and got["placements"] == ["(Shard(dim=1),)"] * 2
+        torch.testing.assert_close(got["y"], y, rtol=0, atol=0)
+        torch.testing.assert_close(got["h"], h, rtol=0, atol=0)
+    compiled = ranks[0]["compiled"]
+    assert "normlab.rms_norm" in compiled["targets"], compiled["targets"]
+    torch.testing.assert_close(compiled["y"], dtensor_module("rmsnorm")(x_full), rtol=0, atol=0)
+    print(f"\nDTensor: outputs and input grads bit-exact; parameter grads max relative diff {worst:.2g}")

@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from normlab.kernels import _build, _gpu
+from normlab.kernels import _build, _dtensor, _gpu
 from normlab.kernels._ops import OPS
 from normlab.kernels._switch import _Switch
 
@@ -28,12 +28,24 @@ _DEVICES = ("cpu", "cuda")
 _T = TypeVar("_T")
 
 
-def usable(x: Tensor, *params: Tensor | None) -> bool:
+def usable(x: Tensor, *params: Tensor | None, dtensor: bool = False, like_x: tuple[Tensor, ...] = ()) -> bool:
     """True if fused ops can compute ``x`` with these parameters: the C++ library on CPU (built at
-    the first call), the Triton kernels on CUDA (registered at the first call)."""
+    the first call), the Triton kernels on CUDA (registered at the first call).
+
+    ``dtensor``: the op has sharding rules (:mod:`normlab.kernels._dtensor`), so a DTensor ``x``
+    with replicated DTensor parameters (and ``like_x`` tensors placed as ``x``) qualifies too.
+    """
     if not _Switch.on:
         return False
-    if type(x) not in _PLAIN_TYPES or x.device.type not in _DEVICES:
+    kinds: tuple[type[Tensor], ...] = _PLAIN_TYPES
+    if _dtensor.is_dtensor(x):
+        ready = dtensor and _dtensor.register(tracing=torch.compiler.is_compiling())
+        if not (ready and _dtensor.replicated_params(x, params, like_x)):
+            return False
+        kinds = (*_PLAIN_TYPES, type(x))
+    elif any(type(t) not in _PLAIN_TYPES for t in like_x):
+        return False
+    if type(x) not in kinds or x.device.type not in _DEVICES:
         return False
     if x.dtype not in _DTYPES or x.numel() == 0:
         return False
@@ -43,7 +55,7 @@ def usable(x: Tensor, *params: Tensor | None) -> bool:
     for p in params:
         if p is None:
             continue
-        if type(p) not in _PLAIN_TYPES or p.device != x.device or not p.is_floating_point():
+        if type(p) not in kinds or p.device != x.device or not p.is_floating_point():
             return False
         if p.element_size() > widest:
             return False
@@ -79,7 +91,7 @@ def _channels_last_view(x: Tensor, channel_dim: int) -> bool:
 def dyt(
     x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
 ) -> Tensor | None:
-    if not usable(x, alpha, weight, bias):
+    if not usable(x, alpha, weight, bias, dtensor=True):
         return None
     if _channels_last_view(x, channel_dim):  # keep the memory format, skip the copy
         y = _call("dyt", x, OPS.dyt, x.movedim(1, -1), alpha, weight, bias, -1)
@@ -90,7 +102,7 @@ def dyt(
 def derf(
     x: Tensor, alpha: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int
 ) -> Tensor | None:
-    if not usable(x, alpha, shift, weight, bias):
+    if not usable(x, alpha, shift, weight, bias, dtensor=True):
         return None
     if _channels_last_view(x, channel_dim):
         y = _call("derf", x, OPS.derf, x.movedim(1, -1), alpha, shift, weight, bias, -1)
@@ -128,7 +140,7 @@ def rms_norm(
     eps_inside: bool,
 ) -> Tensor | None:
     n = _row_size(x, normalized_shape, weight, bias)
-    if n is None or not usable(x, weight, bias):
+    if n is None or not usable(x, weight, bias, dtensor=True):
         return None
     if _moved_channels(x, normalized_shape):
         y = _call("rms_norm", x, OPS.rms_norm, x.movedim(-1, 1), n, weight, bias, eps, eps_inside, True)
@@ -140,7 +152,7 @@ def layer_norm(
     x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
     n = _row_size(x, normalized_shape, weight, bias)
-    if n is None or not usable(x, weight, bias):
+    if n is None or not usable(x, weight, bias, dtensor=True):
         return None
     if _moved_channels(x, normalized_shape):
         y = _call("layer_norm", x, OPS.layer_norm, x.movedim(-1, 1), n, weight, bias, eps, True)
@@ -188,7 +200,9 @@ def _residual_row_size(
     n = _row_size(x, normalized_shape, weight, bias)
     if n is None or residual.shape != x.shape or residual.dtype != x.dtype:
         return None
-    return n if usable(x, residual, weight, bias) else None
+    if residual.device != x.device:
+        return None
+    return n if usable(x, weight, bias, dtensor=True, like_x=(residual,)) else None
 
 
 def group_norm(

@@ -68,6 +68,8 @@ class FullyShard(DataParallel):
             gather them again for the backward): less memory, one more all-gather per block.
         param_dtype: ``"bf16"`` / ``"fp16"``: FSDP's ``MixedPrecisionPolicy`` computes in that
             dtype and reduces gradients in fp32 (the sharded parameters and optimizer stay fp32).
+        per_block: one unit per block (each all-gathered on its own); ``False``: the whole
+            model is one unit, gathered at once (more memory, fewer collectives).
     """
 
     def __init__(
@@ -77,12 +79,14 @@ class FullyShard(DataParallel):
         *,
         reshard_after_forward: bool = True,
         param_dtype: ParamDtype = "fp32",
+        per_block: bool = True,
     ) -> None:
         super().__init__(ctx, dist_bn)
         if param_dtype not in PARAM_DTYPES:
             raise ValueError(f"train: param_dtype must be one of {tuple(PARAM_DTYPES)}, got {param_dtype!r}")
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = param_dtype
+        self.per_block = per_block
         self.units: list[str] = []
         self.kept_gathered: list[str] = []
 
@@ -105,7 +109,7 @@ class FullyShard(DataParallel):
         dtype = PARAM_DTYPES[self.param_dtype]
         if dtype is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for name, unit in shard_units(net):
+        for name, unit in shard_units(net) if self.per_block else []:
             keep = _holds_aux_loss_norm(unit)
             fully_shard(unit, reshard_after_forward=self.reshard_after_forward and not keep, **kwargs)
             self.units.append(name)
@@ -176,6 +180,7 @@ class FullyShard(DataParallel):
     def record(self) -> dict[str, Any]:
         out = {**super().record(), "dist": "fsdp", "reshard_after_forward": self.reshard_after_forward}
         out["param_dtype"] = self.param_dtype
+        out["fsdp_units"] = len(self.units) + 1
         if self.kept_gathered:
             out["kept_gathered"] = self.kept_gathered
         return out
