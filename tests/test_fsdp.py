@@ -32,7 +32,7 @@ from normlab.studies import RunSpec, get_study
 from normlab.studies.runner import _run_one_distributed, run_study
 from normlab.train import LMTask, RunConfig, TrainConfig, train
 from normlab.train import distributed as nd
-from normlab.train.fsdp import FullyShard
+from normlab.train.strategy import FullyShard
 from test_blocks import PLACEMENTS, TOKEN_NORMS, spec_kwargs
 from test_distributed import (
     SGD,

@@ -5,8 +5,10 @@
   CPU, nccl on CUDA), each rank on its slice of the global batch, BatchNorm statistics by
   ``dist_bn``, faults raised on every rank together (:mod:`normlab.train.distributed`).
 
-* :class:`~normlab.train.fsdp.FullyShard`: FSDP2 (``fully_shard`` per block), sharded
-  checkpoints through ``torch.distributed.checkpoint``.
+* :class:`FullyShard`: FSDP2 as torchtitan trains (``fully_shard`` on every block, then the
+  root; each rank stores ``1 / world_size`` of the parameters, gradients and optimizer state),
+  with DataParallel's batches, BatchNorm modes, faults and RNG; checkpoints sharded through
+  ``torch.distributed.checkpoint`` (:mod:`normlab.train.fsdp`).
 
 :func:`make_strategy` picks one from the current process group and ``dist``.
 """
@@ -14,8 +16,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,9 +27,10 @@ from torch import Tensor, nn
 from normlab.norms import convert_sync
 from normlab.train import distributed
 from normlab.train.config import TrainConfig
+from normlab.train.fsdp import PARAM_DTYPES, SHARDED_KEY, ParamDtype, holds_aux_loss_norm, shard_units
 from normlab.train.state import rng_state, seed_everything, set_rng_state
 
-__all__ = ["DIST_MODES", "DataParallel", "SingleProcess", "make_strategy"]
+__all__ = ["DIST_MODES", "DataParallel", "FullyShard", "SingleProcess", "make_strategy"]
 
 Dist = Literal["ddp", "fsdp"]
 DIST_MODES: tuple[str, ...] = ("ddp", "fsdp")
@@ -235,10 +238,139 @@ class DataParallel(SingleProcess):
         return {"rank": failed[0], "ranks": failed}
 
 
+class FullyShard(DataParallel):
+    """FSDP2 over the process group ``ctx``: one ``fully_shard`` unit per block, then the root.
+
+    Args:
+        reshard_after_forward: free each block's gathered parameters after its forward (and
+            gather them again for the backward): less memory, one more all-gather per block.
+        param_dtype: ``"bf16"`` / ``"fp16"``: FSDP's ``MixedPrecisionPolicy`` computes in that
+            dtype and reduces gradients in fp32 (the sharded parameters and optimizer stay fp32).
+        per_block: one unit per block (each all-gathered on its own); ``False``: the whole
+            model is one unit, gathered at once (more memory, fewer collectives).
+    """
+
+    def __init__(
+        self,
+        ctx: distributed.Context,
+        dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN,
+        *,
+        reshard_after_forward: bool = True,
+        param_dtype: ParamDtype = "fp32",
+        per_block: bool = True,
+    ) -> None:
+        super().__init__(ctx, dist_bn)
+        if param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"train: param_dtype must be one of {tuple(PARAM_DTYPES)}, got {param_dtype!r}")
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = param_dtype
+        self.per_block = per_block
+        self.units: list[str] = []
+        self.kept_gathered: list[str] = []
+
+    shards_parameters = True
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        net = super().prepare(net)
+        scalars = [n for n, p in net.named_parameters() if p.dim() == 0]
+        if scalars:
+            raise ValueError(
+                f"train: FSDP cannot shard the 0-dim parameters {scalars}; make them 1-element "
+                "tensors (shape (1,)), as normlab's norms and GPT keep their scalars"
+            )
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        mesh = init_device_mesh(device.type, (self.ctx.world_size,))
+        kwargs: dict[str, Any] = {"mesh": mesh}
+        dtype = PARAM_DTYPES[self.param_dtype]
+        if dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for name, unit in shard_units(net) if self.per_block else []:
+            keep = holds_aux_loss_norm(unit)
+            fully_shard(unit, reshard_after_forward=self.reshard_after_forward and not keep, **kwargs)
+            self.units.append(name)
+            if keep and self.reshard_after_forward:
+                self.kept_gathered.append(name)
+        keep = holds_aux_loss_norm(net)  # conservative: the final norm is usually one of them
+        fully_shard(net, reshard_after_forward=self.reshard_after_forward and not keep, **kwargs)
+        if keep and self.reshard_after_forward:
+            self.kept_gathered.append("(root)")
+        return net
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        return net  # fully_shard changed the modules in place
+
+    def gradient_sync(self, model: nn.Module, sync: bool) -> Any:
+        from contextlib import nullcontext
+
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        return nullcontext()
+
+    def clip_grad_norm(self, params: Sequence[Tensor], max_norm: float) -> float:
+        total = self.grad_norm_tensor(params)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+        return float(total)
+
+    def grad_norm(self, params: Sequence[Tensor]) -> float:
+        return float(self.grad_norm_tensor(params))
+
+    @staticmethod
+    def grad_norm_tensor(params: Sequence[Tensor]) -> Tensor:
+        """The global 2-norm of the sharded gradients (every rank gets the same value)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        total = torch.nn.utils.get_total_norm(grads, foreach=False)
+        full = getattr(total, "full_tensor", None)
+        return full() if callable(full) else total
+
+    @contextmanager
+    def gathered(self, net: nn.Module) -> Iterator[None]:
+        # The units gather their own parameters when called; the root's (embeddings, head, a
+        # ConvNet's stem) only in the root's forward, which a probe calling parts skips.
+        net.unshard()  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            net.reshard()  # type: ignore[operator]
+
+    def check_identical(self, net: nn.Module) -> None:
+        # each rank holds other shards of the parameters by design: the buffers must agree
+        distributed.check_identical(net, self.ctx, parameters=False)
+
+    def full_state_dict(self, net: nn.Module) -> dict[str, Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full: dict[str, Any] = get_model_state_dict(net, options=options)  # whole on rank 0 only
+        return full
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        super().check_resume(state, path)
+        if SHARDED_KEY not in state:
+            raise ValueError(
+                f"train: {str(path)!r} is a single-file checkpoint (a single-process or DDP run); "
+                "resume it with the strategy that wrote it (--dist ddp)"
+            )
+
+    def record(self) -> dict[str, Any]:
+        out = {**super().record(), "dist": "fsdp", "reshard_after_forward": self.reshard_after_forward}
+        out["param_dtype"] = self.param_dtype
+        out["fsdp_units"] = len(self.units) + 1
+        if self.kept_gathered:
+            out["kept_gathered"] = self.kept_gathered
+        return out
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra(), "dist": "fsdp", "world_size": self.ctx.world_size}
+
+
 def make_strategy(
     dist_bn: distributed.DistBN = distributed.DEFAULT_DIST_BN, dist: Dist = "ddp", **fsdp: Any
 ) -> SingleProcess:
-    """:class:`DataParallel` (``dist="ddp"``) or :class:`~normlab.train.fsdp.FullyShard`
+    """:class:`DataParallel` (``dist="ddp"``) or :class:`~normlab.train.strategy.FullyShard`
     (``dist="fsdp"``, with its options ``fsdp``) when a process group of more than one process is
     initialised, else :class:`SingleProcess`."""
     if dist_bn not in distributed.DIST_BN_MODES:
@@ -251,7 +383,5 @@ def make_strategy(
     if ctx is None:
         return SingleProcess()
     if dist == "fsdp":
-        from normlab.train.fsdp import FullyShard
-
         return FullyShard(ctx, dist_bn, **fsdp)
     return DataParallel(ctx, dist_bn)

@@ -408,7 +408,7 @@ def train(
     rank's RNG state; a resume with the same world size is bit-exact. At the end every rank
     checks that its parameters and buffers equal rank 0's, bitwise.
 
-    ``dist="fsdp"`` shards the model with FSDP2 instead (:class:`~normlab.train.fsdp.FullyShard`,
+    ``dist="fsdp"`` shards the model with FSDP2 instead (:class:`~normlab.train.strategy.FullyShard`,
     options ``fsdp``: ``reshard_after_forward``, ``param_dtype``): the same batches and
     statistics, checkpoints sharded through ``torch.distributed.checkpoint``.
     """
