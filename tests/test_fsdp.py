@@ -352,7 +352,11 @@ def test_torchrun_trains_with_dist_fsdp(
     assert max_diff(final_state(run), final_state(single)) <= 1e-6
 
 
-def test_fsdp_settings_are_checked() -> None:
+def test_fsdp_settings_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from normlab.cli import main
+
+    assert main(["study", "quick", "--dist", "fsdp", "--out", "unused"]) == 2
+    assert "dist='fsdp' shards each run over processes: it needs nproc >= 2" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"dist='fsdp' shards each run over processes: it needs nproc >= 2"):
         run_study(get_study("quick"), "unused", nproc=1, dist="fsdp")
     with pytest.raises(ValueError, match="dist must be one of"):
