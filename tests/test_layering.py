@@ -28,8 +28,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("convert", "diagnostics"),
     ("__init__",),  # the public API: what `import normlab` gives
     ("data", "summary"),
+    ("monitor",),
     ("train",),
-    ("studies", "bench"),
+    ("studies", "bench", "integrations"),
     ("cli",),
     ("init", "nn", "report", "cli_convert"),  # old paths, kept one release with a DeprecationWarning
 )

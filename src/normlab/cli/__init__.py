@@ -17,7 +17,17 @@ from normlab import __version__
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 # module of normlab.cli -> what it adds to the parser (its add_parser), in --help order
-SUBCOMMANDS = ("listing", "smoke", "convert", "diagnose", "study", "compare", "bench", "kernels")
+SUBCOMMANDS = (
+    "listing",
+    "smoke",
+    "convert",
+    "diagnose",
+    "study",
+    "compare",
+    "bench",
+    "kernels",
+    "report_monitor",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

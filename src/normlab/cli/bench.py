@@ -43,6 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"allocation. For stable figures run with GLIBC_TUNABLES={bench.RECOMMENDED_MALLOC}",
             file=sys.stderr,
         )
+    if args.monitor:
+        return _monitor_overhead(args)
     e2e_kwargs: dict[str, Any] = {}
     if args.quick:
         e2e_kwargs = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch": 4}
@@ -93,6 +95,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor_overhead(args: argparse.Namespace) -> int:
+    import json
+
+    from normlab.bench.monitor import monitor_overhead
+
+    size: dict[str, Any] = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch": 4} if args.quick else {}
+    result = monitor_overhead(every=args.monitor_every, rounds=args.monitor_rounds, **size)
+    print(
+        f"NormMonitor(every={result['every']}) on {result['model']}, {result['threads']} threads: "
+        f"{result['step_ms_plain']:.2f} ms per step plain, {result['step_ms_monitored']:.2f} ms monitored: "
+        f"overhead {100 * result['overhead']:+.2f}% of a step (median of {result['rounds']} rounds each)"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "monitor_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'monitor_overhead.json'}")
+    return 0
+
+
 def _have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -137,5 +158,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny end-to-end model (smoke runs)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        help="instead: the NormMonitor's cost, GPT training steps with and without it",
+    )
+    p.add_argument("--monitor-every", type=int, default=50, help="with --monitor: measure every N steps")
+    p.add_argument("--monitor-rounds", type=int, default=5, help="with --monitor: rounds of N steps each way")
     p.add_argument("--out", "-o", default="normlab-bench", help="output directory (default normlab-bench)")
     p.set_defaults(func=cmd_bench)

@@ -54,6 +54,9 @@ class TrainConfig:
         aux_loss_weight: weight of ``normlab.total_aux_loss(model)`` (Batchless's NLL and any
             other norm's auxiliary loss), added to the task loss automatically.
         deterministic: ``torch.use_deterministic_algorithms(True)`` during the run.
+        monitor_every: run a :class:`normlab.monitor.NormMonitor` measuring every this many
+            steps into the run's ``monitor.jsonl`` (``normlab report-monitor`` plots it); 0: none.
+            It only reads the forward and backward: the run trains bit for bit as without it.
     """
 
     steps: int
@@ -76,6 +79,8 @@ class TrainConfig:
     ckpt_every: int = 100
     aux_loss_weight: float = 1.0
     deterministic: bool = True
+    monitor_every: int = 0
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("monitor_every",)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -83,7 +88,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+        for name in ("warmup", "eval_every", "ckpt_every", "seed", "monitor_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{owner}: {name} must be an int >= 0, got {v!r}")

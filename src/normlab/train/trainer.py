@@ -174,6 +174,15 @@ class Trainer:
             self.logger.log({**start, **strategy.record()})
         else:
             self.logger.log({"kind": "resume", "step": self.start, **strategy.record()})
+        self.monitor = None
+        if cfg.monitor_every:  # the norm signals during training, as a user's loop records them
+            from normlab.monitor import LOG_FILE, NormMonitor, trim_log
+
+            if main:
+                trim_log(self.run_dir / LOG_FILE, self.start)
+            log_dir = self.run_dir if main else None
+            self.monitor = NormMonitor(self.net, every=cfg.monitor_every, log_dir=log_dir, start=self.start)
+            stack.callback(self.monitor.close)
         self.writer = open_tensorboard(self.run_dir) if self.tensorboard and main else None
         self.bar = progress_bar(cfg.steps, self.start, self.run_dir.name, self.progress and main)
         if self.writer is not None:
@@ -215,6 +224,8 @@ class Trainer:
         if done % cfg.log_every == 0 or done == cfg.steps:
             self._log_train(done, value, lr)
         self.optimizer.step()
+        if self.monitor is not None:  # before the norms' hooks: MBN's second forward is no step
+            self.monitor.step()
         self.hooks.after_step(self.net, done)  # e.g. MBN's second forward, BLN's epoch end
         evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         checkpoint = cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps
@@ -356,6 +367,8 @@ class Trainer:
                 self.logger.close()
                 state = {k: v.detach().cpu() for k, v in full.items()}
                 atomic_torch_save(state, self.run_dir / FINAL_FILE)
+                if self.monitor is not None and self.monitor.records:
+                    _monitor_report(self.run_dir)
                 summary = summarize(read_jsonl(metrics_path))
                 summary.update(
                     {
@@ -424,6 +437,17 @@ def train(
         device=device,
         strategy=make_strategy(dist_bn, dist, **(fsdp or {})),
     ).run()
+
+
+def _monitor_report(run_dir: Path) -> None:
+    """The run's monitor log as ``monitor_report.md`` and its plots (where matplotlib is), the
+    same report as ``normlab report-monitor`` gives for a user's own loop."""
+    import importlib.util
+
+    from normlab.monitor import LOG_FILE
+    from normlab.monitor.report import report_monitor
+
+    report_monitor(run_dir / LOG_FILE, run_dir, plots=importlib.util.find_spec("matplotlib") is not None)
 
 
 def _kernel_state() -> str:
