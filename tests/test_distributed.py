@@ -220,12 +220,30 @@ def worker(rank: int, tmp: str) -> None:
     nd.destroy_process_group(barrier=True)  # as python -m normlab.train does after a finished run
 
 
-def spawn_pair(tmp: Path, target: Any = None, deadline_s: float = DEADLINE_S) -> list[dict[str, Any]]:
-    """Run ``target`` (default :func:`worker`) on 2 spawned ranks; it saves ``rank{r}.pt`` or
-    writes ``rank{r}.err``. Raise with the children's tracebacks on any failure."""
+def group_worker(rank: int, tmp: str, run: Any, timeout_s: float) -> None:
+    """One spawned rank: join the group (file store), ``run(rank, out)``, save its results as
+    ``rank{r}.pt`` (or the traceback as ``rank{r}.err``), leave the group as the CLI does."""
+    torch.set_num_threads(1)
+    out = Path(tmp)
+    try:
+        store = f"file://{out / 'store'}"
+        nd.init_process_group("cpu", timeout_s=timeout_s, init_method=store, rank=rank, world_size=WORLD)
+        torch.save(run(rank, out), out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        nd.destroy_process_group()
+        raise
+    nd.destroy_process_group(barrier=True)
+
+
+def spawn_pair(
+    tmp: Path, run: Any = None, deadline_s: float = DEADLINE_S, timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Run :func:`worker` (or ``run(rank, out) -> results``, a module-level function, under
+    :func:`group_worker`) on 2 spawned ranks; raise with the children's tracebacks on any failure."""
     ctx = multiprocessing.get_context("spawn")
-    target = worker if target is None else target
-    procs = [ctx.Process(target=target, args=(rank, str(tmp)), daemon=True) for rank in range(WORLD)]
+    target, extra = (worker, ()) if run is None else (group_worker, (run, timeout_s))
+    procs = [ctx.Process(target=target, args=(rank, str(tmp), *extra), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + deadline_s

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -227,22 +226,6 @@ def _outcome(fn: Any) -> dict[str, Any]:
         return {"error": type(err).__name__, "message": str(err)}
 
 
-def worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    out = Path(tmp)
-    try:
-        nd.init_process_group(
-            "cpu", timeout_s=30, init_method=f"file://{out / 'store'}", rank=rank, world_size=WORLD
-        )
-        results = run_rank(rank, out)
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        nd.destroy_process_group()
-        raise
-    nd.destroy_process_group(barrier=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # checks in this process
 
@@ -320,7 +303,7 @@ def test_fsdp_trains_like_one_process_on_the_global_batch(tmp_path: Path) -> Non
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ranks = spawn_pair(tmp_path, worker, deadline_s=400.0)
+        ranks = spawn_pair(tmp_path, run_rank, deadline_s=400.0)
         failures = []
         for check in (check_sweep, lambda r: check_trainer(tmp_path, r), lambda r: check_resume(tmp_path, r)):
             try:
@@ -396,6 +379,8 @@ def dtensor_data() -> tuple[Tensor, Tensor, Tensor]:
 
 
 def dtensor_rank(rank: int, out: Path) -> dict[str, Any]:
+    if not normlab.kernels.build():
+        raise RuntimeError(f"the fused kernels are unavailable: {normlab.kernels.status()['reason']}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
     from torch.profiler import profile
@@ -453,22 +438,6 @@ def dtensor_rank(rank: int, out: Path) -> dict[str, Any]:
     return results
 
 
-def dtensor_worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    out = Path(tmp)
-    try:
-        store = f"file://{out / 'store'}"
-        nd.init_process_group("cpu", timeout_s=30, init_method=store, rank=rank, world_size=WORLD)
-        if not normlab.kernels.build():
-            raise RuntimeError(f"the fused kernels are unavailable: {normlab.kernels.status()['reason']}")
-        torch.save(dtensor_rank(rank, out), out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        nd.destroy_process_group()
-        raise
-    nd.destroy_process_group(barrier=True)
-
-
 def test_fused_norms_on_sequence_parallel_dtensors_equal_one_process(tmp_path: Path) -> None:
     """Sequence (Shard(1)) and batch (Shard(0)) parallel inputs take the fused ops on each shard
     and equal the unsharded module; a feature-sharded input (Shard(2)) is refused by the per-row
@@ -477,7 +446,7 @@ def test_fused_norms_on_sequence_parallel_dtensors_equal_one_process(tmp_path: P
 
     if not normlab.kernels.build():
         pytest.skip(f"normlab kernels unavailable: {normlab.kernels.status()['reason']}")
-    ranks = spawn_pair(tmp_path, dtensor_worker, deadline_s=120.0)
+    ranks = spawn_pair(tmp_path, dtensor_rank, deadline_s=120.0)
     x_full, g_full, r_full = dtensor_data()
     worst = 0.0
     for label in DTENSOR_NORMS:

@@ -9,7 +9,6 @@ small enough for CPU. The README's "FSDP2, tensor and sequence parallel" section
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.convert import convert_norms
-from normlab.train import distributed as nd
 from test_distributed import spawn_pair
 
 pytestmark = pytest.mark.distributed
@@ -146,21 +144,21 @@ def full(t: Tensor) -> Tensor:
     return (value() if callable(value) else t).detach().clone()
 
 
-def rank_main(rank: int) -> dict[str, Any]:
+def rank_main(rank: int, out: Path) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.profiler import profile
 
     mesh = init_device_mesh("cpu", (WORLD,))
     tokens, targets = data()
-    out: dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for norm in NORMS:
         model = tensor_parallel(build(norm), mesh)
         with profile() as prof:
             loss = loss_of(model(tokens), targets)
             loss.backward()
         grads = {n: full(p.grad) for n, p in model.named_parameters() if "norm" in n and p.grad is not None}
-        out["tp", norm] = {
+        results["tp", norm] = {
             "loss": float(loss.detach()),
             "norm_grads": grads,
             "ops": sorted({e.name for e in prof.events() if e.name.startswith("normlab::")}),
@@ -175,27 +173,13 @@ def rank_main(rank: int) -> dict[str, Any]:
             opt.zero_grad()
             loss_of(model(tokens[rows]), targets[rows]).backward()
             opt.step()
-        out["fsdp", norm] = {n: full(p) for n, p in model.named_parameters()}
-    return out
-
-
-def worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    folder = Path(tmp)
-    try:
-        store = f"file://{folder / 'store'}"
-        nd.init_process_group("cpu", timeout_s=30, init_method=store, rank=rank, world_size=WORLD)
-        torch.save(rank_main(rank), folder / f"rank{rank}.pt")
-    except BaseException:
-        (folder / f"rank{rank}.err").write_text(traceback.format_exc())
-        nd.destroy_process_group()
-        raise
-    nd.destroy_process_group(barrier=True)
+        results["fsdp", norm] = {n: full(p) for n, p in model.named_parameters()}
+    return results
 
 
 def test_a_torchtitan_style_llama_with_normlab_norms_under_tp_sp_and_fsdp(tmp_path: Path) -> None:
     fused = normlab.kernels.build()
-    ranks = spawn_pair(tmp_path, worker, deadline_s=120.0)
+    ranks = spawn_pair(tmp_path, rank_main, deadline_s=120.0)
     tokens, targets = data()
     for norm in NORMS:
         model = build(norm)

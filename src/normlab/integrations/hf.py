@@ -22,6 +22,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from normlab.monitor import NormMonitor
+from normlab.monitor.monitor import check_every
 
 __all__ = ["NormMonitorCallback"]
 
@@ -33,8 +34,7 @@ class NormMonitorCallback(TrainerCallback):
     def __init__(
         self, every: int = 50, log_dir: str | os.PathLike[str] | None = None, **monitor_kwargs: Any
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"NormMonitorCallback: every must be an int >= 1, got {every!r}")
+        check_every(every, "NormMonitorCallback")
         self.every, self.log_dir, self.monitor_kwargs = every, log_dir, monitor_kwargs
         self.monitor: NormMonitor | None = None
         self._pending: dict[str, float] = {}

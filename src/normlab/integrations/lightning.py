@@ -20,6 +20,7 @@ except ImportError:  # the older package name
     from pytorch_lightning import Callback  # type: ignore[assignment]
 
 from normlab.monitor import NormMonitor
+from normlab.monitor.monitor import check_every
 
 __all__ = ["NormMonitorCallback"]
 
@@ -30,8 +31,7 @@ class NormMonitorCallback(Callback):
     def __init__(
         self, every: int = 50, log_dir: str | os.PathLike[str] | None = None, **monitor_kwargs: Any
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"NormMonitorCallback: every must be an int >= 1, got {every!r}")
+        check_every(every, "NormMonitorCallback")
         self.every, self.log_dir, self.monitor_kwargs = every, log_dir, monitor_kwargs
         self.monitor: NormMonitor | None = None
         self._seen_step = 0

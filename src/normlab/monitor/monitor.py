@@ -166,8 +166,7 @@ class NormMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NormMonitor: model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"NormMonitor: every must be an int >= 1, got {every!r}")
+        check_every(every, "NormMonitor")
         chosen = tuple(PROBES if probes is None else probes)
         unknown = [p for p in chosen if p not in PROBES]
         if unknown:
@@ -505,6 +504,12 @@ class NormMonitor:
             f"NormMonitor({type(self.model).__name__}, every={self.every}, blocks={len(self.blocks)}, "
             f"probes={list(self.probes)}, log={str(self.log_path) if self.log_path else None})"
         )
+
+
+def check_every(every: object, owner: str) -> None:
+    """Refuse an ``every`` that is not a positive int (a bool neither)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{owner}: every must be an int >= 1, got {every!r}")
 
 
 def _square_sum(grad: Tensor) -> float:

@@ -317,27 +317,12 @@ class Trainer:
         """Everything a resumed run needs, after ``done`` steps (the main process writes it)."""
         rngs = self.strategy.gather_rng()
         extra = {"elapsed_s": self._wall(), **self.strategy.checkpoint_extra()}
+        fields: dict[str, Any] = {"model": self.net, "optimizer": self.optimizer, "step": done,
+                                  "config_hash": self.digest, "extra": extra, "rank_rng": rngs}  # fmt: skip
         if self.strategy.shards_parameters:  # every process writes its shards
-            save_sharded(
-                self.ckpt_path,
-                model=self.net,
-                optimizer=self.optimizer,
-                step=done,
-                config_hash=self.digest,
-                extra=extra,
-                rank_rng=rngs,
-                is_main=self.strategy.is_main,
-            )
+            save_sharded(self.ckpt_path, is_main=self.strategy.is_main, **fields)
         elif self.strategy.is_main:
-            save_state(
-                self.ckpt_path,
-                model=self.net,
-                optimizer=self.optimizer,
-                step=done,
-                config_hash=self.digest,
-                extra=extra,
-                rank_rng=rngs,
-            )
+            save_state(self.ckpt_path, **fields)
 
     def _wall(self) -> float:
         return self._elapsed + time.perf_counter() - self._t0
