@@ -224,9 +224,9 @@ class Trainer:
         if done % cfg.log_every == 0 or done == cfg.steps:
             self._log_train(done, value, lr)
         self.optimizer.step()
-        if self.monitor is not None:  # before the norms' hooks: MBN's second forward is no step
-            self.monitor.step()
         self.hooks.after_step(self.net, done)  # e.g. MBN's second forward, BLN's epoch end
+        if self.monitor is not None:  # after the norms' hooks: a forward they run is this step's
+            self.monitor.step()
         evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         checkpoint = cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps
         if evaluate or checkpoint:
