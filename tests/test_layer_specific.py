@@ -128,3 +128,38 @@ def test_groupnorm_takes_channels_first() -> None:
 def test_instancenorm_is_affine_by_default_unlike_torch() -> None:
     assert normlab.InstanceNorm(4).affine
     assert not normlab.InstanceNorm(4, affine=False).affine
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_instancenorm_spatial_dims_reads_unbatched_input_as_torch_does(k: int) -> None:
+    """(C, *k) is unbatched for torch's InstanceNorm{k}d, also when a size equals C; a converted
+    layer (spatial_dims set from the class) computes the same, batched or not."""
+    from normlab.convert import convert_norms
+
+    torch.manual_seed(0)
+    cls = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}[k]
+    model = torch.nn.Sequential(cls(4, affine=True))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.uniform_(-1.0, 1.0)
+    unbatched = torch.randn(4, *([4] * (k - 1)), 5)  # the first spatial size equals C when k > 1
+    batched = torch.randn(2, 4, *([3] * k))
+    expected = (model(unbatched), model(batched))
+    summary = convert_norms(model, "instancenorm", where="0")
+    assert [r.relation for r in summary.replaced] == ["exact"]
+    converted = model[0]
+    assert isinstance(converted, normlab.InstanceNorm) and converted.spatial_dims == k
+    assert f"spatial_dims={k}" in repr(converted)
+    torch.testing.assert_close(model(unbatched), expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(batched), expected[1], rtol=0, atol=1e-6)
+    wrong_rank = rf"InstanceNorm: expected \(N, C\) \+ {k} spatial dims, or unbatched"
+    with pytest.raises(ValueError, match=wrong_rank):
+        converted(torch.randn(2, 4, *([3] * (k + 1))))
+
+
+def test_instancenorm_spatial_dims_is_checked_and_keeps_the_state_dict() -> None:
+    with pytest.raises(ValueError, match="spatial_dims must be an int >= 1 or None, got 0"):
+        normlab.InstanceNorm(4, spatial_dims=0)
+    plain, fixed = normlab.InstanceNorm(4), normlab.InstanceNorm(4, spatial_dims=2)
+    assert plain.state_dict().keys() == fixed.state_dict().keys()
+    assert plain(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)  # default: any rank, batched

@@ -119,7 +119,9 @@ def _known(module: nn.Module) -> NormInfo | None:
     if t is nn.GroupNorm or (isinstance(module, nn.GroupNorm) and t.__name__ in ("GroupNorm", "GroupNorm1")):
         return group_norm_info(module, foreign=t is not nn.GroupNorm)  # type: ignore[arg-type]
     if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-        return running_stats_info("instancenorm", module)
+        # its class fixes the spatial rank, so a (C, H, W) input to InstanceNorm2d is unbatched
+        k = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[t]
+        return replace(running_stats_info("instancenorm", module), spatial_dims=k)
     return None
 
 

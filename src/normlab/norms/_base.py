@@ -166,6 +166,8 @@ class NormMixin:
             default = sig["bias"].default if default_bias is None else default_bias
             # mirror the source, but never add a bias the target has none of by default (RMSNorm)
             kw["bias"] = bool(info.bias is not None) if default else False
+        if "spatial_dims" in sig and info.spatial_dims is not None and "spatial_dims" not in options:
+            kw["spatial_dims"] = info.spatial_dims
         if info.kind in ("batchnorm", "instancenorm") and cls.spec.running_stats:
             if "momentum" in sig:
                 kw["momentum"] = info.momentum

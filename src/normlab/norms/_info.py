@@ -93,6 +93,7 @@ class NormInfo:
     foreign: bool = False
     base: str | None = None
     note: str = ""
+    spatial_dims: int | None = None  # InstanceNorm{k}d's k: a (C, *k) input is unbatched
 
     @property
     def source(self) -> str:
