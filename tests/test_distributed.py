@@ -201,23 +201,13 @@ def run_rank(rank: int, out: Path) -> dict[str, Any]:
     return results
 
 
-def worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
+def run_all(rank: int, out: Path) -> dict[str, Any]:
+    """Every in-process case, with the fused kernels off, timed."""
     normlab.kernels.set_enabled(False)
-    out = Path(tmp)
-    try:
-        nd.init_process_group(
-            "cpu", timeout_s=20, init_method=f"file://{out / 'store'}", rank=rank, world_size=WORLD
-        )
-        started = time.perf_counter()
-        results = run_rank(rank, out / "runs")
-        results["seconds"] = time.perf_counter() - started
-        torch.save(results, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        nd.destroy_process_group()
-        raise
-    nd.destroy_process_group(barrier=True)  # as python -m normlab.train does after a finished run
+    started = time.perf_counter()
+    results = run_rank(rank, out / "runs")
+    results["seconds"] = time.perf_counter() - started
+    return results
 
 
 def group_worker(rank: int, tmp: str, run: Any, timeout_s: float) -> None:
@@ -239,11 +229,14 @@ def group_worker(rank: int, tmp: str, run: Any, timeout_s: float) -> None:
 def spawn_pair(
     tmp: Path, run: Any = None, deadline_s: float = DEADLINE_S, timeout_s: float = 30.0
 ) -> list[dict[str, Any]]:
-    """Run :func:`worker` (or ``run(rank, out) -> results``, a module-level function, under
-    :func:`group_worker`) on 2 spawned ranks; raise with the children's tracebacks on any failure."""
+    """Run ``run(rank, out) -> results`` (a module-level function; default :func:`run_all`, with a
+    20 s process-group timeout) under :func:`group_worker` on 2 spawned ranks; raise with the
+    children's tracebacks on any failure."""
     ctx = multiprocessing.get_context("spawn")
-    target, extra = (worker, ()) if run is None else (group_worker, (run, timeout_s))
-    procs = [ctx.Process(target=target, args=(rank, str(tmp), *extra), daemon=True) for rank in range(WORLD)]
+    if run is None:
+        run, timeout_s = run_all, 20.0
+    args = (run, timeout_s)
+    procs = [ctx.Process(target=group_worker, args=(r, str(tmp), *args), daemon=True) for r in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + deadline_s

@@ -59,7 +59,7 @@ def layer_norm(
     normlab's fused kernel when it applies, else :func:`layer_norm_torch`. A DTensor input
     sharded on a normalized dimension is refused (no rank can compute its rows alone).
     """
-    _dtensor.refuse_sharded_rows(x, _dtensor.row_dims(x, len(normalized_shape)), "layer_norm")
+    _dtensor.refuse_sharded_rows(x, len(normalized_shape), "layer_norm")
     y = _kernels.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
     if y is not None:
         return y
@@ -85,7 +85,7 @@ def rms_norm(
     ``eps=None`` uses ``torch.finfo(x.dtype).eps``, as ``torch.nn.RMSNorm`` does.
     normlab's fused kernel when it applies (not pRMSNorm), else :func:`rms_norm_torch`.
     """
-    _dtensor.refuse_sharded_rows(x, _dtensor.row_dims(x, len(normalized_shape)), "rms_norm")
+    _dtensor.refuse_sharded_rows(x, len(normalized_shape), "rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     if p is None:
@@ -186,7 +186,7 @@ def add_layer_norm(
     The pre-norm block's ``h = h + f(...); y = LN(h)`` step reads ``x`` and ``residual`` once and
     writes ``h`` and ``y`` once (unfused: 5 tensor passes forward, 6 backward; fused: 4 and 4).
     """
-    _dtensor.refuse_sharded_rows(x, _dtensor.row_dims(x, len(normalized_shape)), "add_layer_norm")
+    _dtensor.refuse_sharded_rows(x, len(normalized_shape), "add_layer_norm")
     fused = _kernels.add_layer_norm(x, residual, tuple(normalized_shape), weight, bias, eps)
     if fused is not None:
         return fused
@@ -205,7 +205,7 @@ def add_rms_norm(
     eps_inside: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Residual add and RMSNorm in one pass: ``h = x + residual``, returns ``(rms_norm(h), h)``."""
-    _dtensor.refuse_sharded_rows(x, _dtensor.row_dims(x, len(normalized_shape)), "add_rms_norm")
+    _dtensor.refuse_sharded_rows(x, len(normalized_shape), "add_rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     fused = _kernels.add_rms_norm(x, residual, tuple(normalized_shape), weight, bias, eps, eps_inside)

@@ -137,13 +137,13 @@ def register(*, tracing: bool = False) -> bool:
         return False
     from normlab.kernels._ops import OPS
 
-    pointwise = {"reduced": _channel, "channel": _channel_dim}
-    _rule(OPS.dyt.default, like_x=("x",), outputs=("x",), **pointwise)  # type: ignore[arg-type]
+    pointwise: dict[str, Any] = {"reduced": _channel, "channel": _channel_dim}
+    _rule(OPS.dyt.default, like_x=("x",), outputs=("x",), **pointwise)
     grads: tuple[str, ...] = ("x", "alpha", "weight", "bias")
-    _rule(OPS.dyt_backward.default, like_x=("grad", "x"), outputs=grads, **pointwise)  # type: ignore[arg-type]
-    _rule(OPS.derf.default, like_x=("x",), outputs=("x",), **pointwise)  # type: ignore[arg-type]
+    _rule(OPS.dyt_backward.default, like_x=("grad", "x"), outputs=grads, **pointwise)
+    _rule(OPS.derf.default, like_x=("x",), outputs=("x",), **pointwise)
     grads = ("x", "alpha", "shift", "weight", "bias")
-    _rule(OPS.derf_backward.default, like_x=("grad", "x"), outputs=grads, **pointwise)  # type: ignore[arg-type]
+    _rule(OPS.derf_backward.default, like_x=("grad", "x"), outputs=grads, **pointwise)
     for name in ("rms_norm", "layer_norm"):
         _rule(getattr(OPS, name).default, like_x=("x",), outputs=("x",), reduced=_rows)
         backward = getattr(OPS, f"{name}_backward").default
@@ -175,15 +175,15 @@ def replicated_params(x: Tensor, params: Sequence[Tensor | None], like_x: Sequen
     return True
 
 
-def refuse_sharded_rows(x: Tensor, dims: Sequence[int], what: str) -> None:
-    """Raise if the DTensor ``x`` is sharded on one of ``dims`` (the dimensions ``what`` reduces over)."""
+def refuse_sharded_rows(x: Tensor, normalized_ndim: int, what: str) -> None:
+    """Raise if the DTensor ``x`` is sharded on one of its trailing ``normalized_ndim``
+    dimensions (those ``what`` normalizes over)."""
     if not is_dtensor(x):
         return
     ndim = x.dim()
-    reduced = {d % ndim for d in dims}
     for placement in x.placements:  # type: ignore[attr-defined]
         dim = getattr(placement, "dim", None)
-        if placement.is_shard() and dim is not None and dim % ndim in reduced:
+        if placement.is_shard() and dim is not None and dim % ndim >= ndim - normalized_ndim:
             raise ValueError(
                 f"{what}: the input DTensor of shape {tuple(x.shape)} is sharded on dim {dim} "
                 f"({placement}), a dimension it normalizes over, so no rank can compute its rows "
@@ -192,9 +192,4 @@ def refuse_sharded_rows(x: Tensor, dims: Sequence[int], what: str) -> None:
             )
 
 
-def row_dims(x: Tensor, normalized_ndim: int) -> range:
-    """The trailing ``normalized_ndim`` dimensions of ``x``."""
-    return range(x.dim() - normalized_ndim, x.dim())
-
-
-__all__ = ["is_dtensor", "refuse_sharded_rows", "register", "replicated_params", "row_dims"]
+__all__ = ["is_dtensor", "refuse_sharded_rows", "register", "replicated_params"]

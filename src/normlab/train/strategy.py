@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from normlab.norms import convert_sync
 from normlab.train import distributed
 from normlab.train.config import TrainConfig
-from normlab.train.fsdp import PARAM_DTYPES, SHARDED_KEY, ParamDtype, holds_aux_loss_norm, shard_units
+from normlab.train.fsdp import (
+    PARAM_DTYPES,
+    ParamDtype,
+    holds_aux_loss_norm,
+    is_sharded_checkpoint,
+    shard_units,
+)
 from normlab.train.state import rng_state, seed_everything, set_rng_state
 
 __all__ = ["DIST_MODES", "DataParallel", "FullyShard", "SingleProcess", "make_strategy"]
@@ -250,6 +256,8 @@ class FullyShard(DataParallel):
             model is one unit, gathered at once (more memory, fewer collectives).
     """
 
+    shards_parameters = True
+
     def __init__(
         self,
         ctx: distributed.Context,
@@ -267,8 +275,6 @@ class FullyShard(DataParallel):
         self.per_block = per_block
         self.units: list[str] = []
         self.kept_gathered: list[str] = []
-
-    shards_parameters = True
 
     def prepare(self, net: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -349,7 +355,7 @@ class FullyShard(DataParallel):
 
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         super().check_resume(state, path)
-        if SHARDED_KEY not in state:
+        if not is_sharded_checkpoint(state):
             raise ValueError(
                 f"train: {str(path)!r} is a single-file checkpoint (a single-process or DDP run); "
                 "resume it with the strategy that wrote it (--dist ddp)"
