@@ -58,6 +58,7 @@ __all__ = [
     "NormAlertError",
     "NormMonitor",
     "NormMonitorWarning",
+    "dead_deep_blocks",
     "read_log",
     "trim_log",
 ]
@@ -430,11 +431,7 @@ class NormMonitor:
                   f"({_fmt(var[-1])}) >= {th.residual_growth}x: the Curse of Depth signature "
                   "(LayerNorm Scaling, arXiv:2502.05795)")  # fmt: skip
         angular = [a if a is not None else math.nan for a in record.get("angular") or []]
-        half = len(angular) // 2
-        shallow = [a for a in angular[:half] if math.isfinite(a)]
-        # dead: both small and far below the shallow blocks' (at init every block is small alike)
-        bar = min(th.dead_angular, th.dead_ratio * (sum(shallow) / len(shallow))) if shallow else 0.0
-        run = [i for i in range(half, len(angular)) if angular[i] < bar]
+        run = dead_deep_blocks(angular, th)
         if len(run) >= th.dead_run:
             names = [record["blocks"][i] for i in run]
             alert("dead_blocks", names[0], f"{len(run)} deep blocks barely change their input "
@@ -504,6 +501,16 @@ class NormMonitor:
             f"NormMonitor({type(self.model).__name__}, every={self.every}, blocks={len(self.blocks)}, "
             f"probes={list(self.probes)}, log={str(self.log_path) if self.log_path else None})"
         )
+
+
+def dead_deep_blocks(angular: Sequence[float], th: MonitorThresholds) -> list[int]:
+    """The blocks of the deeper half whose angular distance (input to output; NaN: unmeasured)
+    is below both ``th.dead_angular`` and ``th.dead_ratio`` times the shallower half's mean: both
+    small and far below the shallow blocks', since at init every block changes its input little."""
+    half = len(angular) // 2
+    shallow = [a for a in angular[:half] if math.isfinite(a)]
+    bar = min(th.dead_angular, th.dead_ratio * (sum(shallow) / len(shallow))) if shallow else 0.0
+    return [i for i in range(half, len(angular)) if angular[i] < bar]
 
 
 def check_every(every: object, owner: str) -> None:

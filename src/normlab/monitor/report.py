@@ -30,31 +30,21 @@ from typing import Any
 import numpy as np
 
 from normlab._atomic import atomic_write_text
-from normlab.diagnostics.findings import CURSE_OF_DEPTH, DYT, POST_LN_GRADS
-from normlab.diagnostics.results import Finding
-from normlab.monitor.monitor import read_log
+from normlab.diagnostics.findings import CURSE_OF_DEPTH, DYT, POST_LN_GRADS, quarter_ratio
+from normlab.diagnostics.results import Finding, Thresholds
+from normlab.monitor.monitor import MonitorThresholds, dead_deep_blocks, read_log
 from normlab.summary.plots import _figure, _save
 
 __all__ = ["monitor_findings", "report_monitor"]
 
-RESIDUAL_GROWTH = 10.0
-DEAD_ANGULAR, DEAD_RATIO = 0.01, 0.1
-DYT_SATURATION = 2.5
-VANISHING, EXPLODING = 0.25, 10.0
+# diagnose's thresholds (residual growth, DyT saturation, gradient ratios) and the monitor's own
+DIAGNOSE = Thresholds()
+MONITOR = MonitorThresholds()
 BN_DRIFT = 1.0
 
 
 def _values(xs: Sequence[float | None] | None) -> list[float]:
     return [float(x) if x is not None and math.isfinite(float(x)) else math.nan for x in (xs or [])]
-
-
-def _quarter_ratio(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    q = max(1, len(finite) // 4)
-    if len(finite) < 2:
-        return math.nan
-    first, last = float(np.mean(finite[:q])), float(np.mean(finite[-q:]))
-    return first / last if last > 0 else math.nan
 
 
 def monitor_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
@@ -73,7 +63,7 @@ def monitor_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
     alphas = last.get("alpha") or {}
     if alphas:
         name, worst = max(alphas.items(), key=lambda kv: kv[1]["margin"])
-        if worst["margin"] >= DYT_SATURATION:
+        if worst["margin"] >= DIAGNOSE.dyt_saturation:
             found.append(Finding("dyt_saturation", "warning",
                                  f"DyT {name} saturates at step {last['step']}: alpha {worst['alpha']:.3g} x "
                                  f"std(input) {worst['input_std']:.3g} = {worst['margin']:.3g}, "
@@ -81,7 +71,8 @@ def monitor_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
                                  "track 1/std(input): lower alpha_init",
                                  {"layer": name, **worst}, DYT))  # fmt: skip
     var, var0 = _values(last.get("residual_var")), _values(first.get("residual_var"))
-    if len(var) >= 2 and var[0] > 0 and math.isfinite(var[-1]) and var[-1] / var[0] >= RESIDUAL_GROWTH:
+    growth = DIAGNOSE.residual_growth
+    if len(var) >= 2 and var[0] > 0 and math.isfinite(var[-1]) and var[-1] / var[0] >= growth:
         ratio = var[-1] / var[0]
         then = var0[-1] / var0[0] if len(var0) >= 2 and var0[0] > 0 else math.nan
         found.append(Finding("residual_growth", "warning",
@@ -90,24 +81,22 @@ def monitor_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
                              "signature; LayerNorm Scaling (lns) bounds it",
                              {"ratio": ratio, "ratio_at_start": then}, CURSE_OF_DEPTH))  # fmt: skip
     angular = _values(last.get("angular"))
-    half = len(angular) // 2
-    shallow = [a for a in angular[:half] if math.isfinite(a)]
-    bar = min(DEAD_ANGULAR, DEAD_RATIO * float(np.mean(shallow))) if shallow else 0.0
-    deep = [i for i in range(half, len(angular)) if angular[i] < bar]
-    if len(deep) >= 2:
+    deep = dead_deep_blocks(angular, MONITOR)
+    if len(deep) >= MONITOR.dead_run:
         names = [blocks[i] for i in deep]
         found.append(Finding("dead_blocks", "warning",
                              f"{len(deep)} deep blocks barely change their input at step {last['step']} "
-                             f"(angular distance < {DEAD_ANGULAR}): {', '.join(names)}; they could be "
-                             "removed or the residual scaled (LNS)",
+                             f"(angular distance < {MONITOR.dead_angular}): {', '.join(names)}; they could "
+                             "be removed or the residual scaled (LNS)",
                              {"blocks": ", ".join(names)}, CURSE_OF_DEPTH))  # fmt: skip
-    ratio = _quarter_ratio(_values(last.get("grad_norm")))
-    if math.isfinite(ratio) and (ratio < VANISHING or ratio > EXPLODING):
-        code = "vanishing_gradients" if ratio < VANISHING else "exploding_gradients"
+    ratio = quarter_ratio(_values(last.get("grad_norm")))
+    vanishing, exploding = DIAGNOSE.vanishing_ratio, DIAGNOSE.exploding_ratio
+    if math.isfinite(ratio) and (ratio < vanishing or ratio > exploding):
+        code = "vanishing_gradients" if ratio < vanishing else "exploding_gradients"
         found.append(Finding(code, "warning",
                              f"gradient norm of the first blocks over the last is {ratio:.3g} at step "
-                             f"{last['step']}: {'early' if ratio < VANISHING else 'late'} blocks get "
-                             f"{'much smaller' if ratio < VANISHING else 'much larger'} gradients",
+                             f"{last['step']}: {'early' if ratio < vanishing else 'late'} blocks get "
+                             f"{'much smaller' if ratio < vanishing else 'much larger'} gradients",
                              {"first_over_last": ratio}, POST_LN_GRADS))  # fmt: skip
     for name, stats in (last.get("bn_stats") or {}).items():
         if stats["mean_gap"] > BN_DRIFT:
@@ -176,7 +165,7 @@ def _plot_alpha(records: Sequence[dict[str, Any]], out: Path, dpi: int) -> list[
         points = [(r["step"], r["alpha"][name]) for r in records if name in (r.get("alpha") or {})]
         left.plot([s for s, _ in points], [p["alpha"] for _, p in points], label=name)
         right.plot([s for s, _ in points], [p["margin"] for _, p in points], label=name)
-    right.axhline(DYT_SATURATION, color="grey", linestyle="--", linewidth=0.8)
+    right.axhline(DIAGNOSE.dyt_saturation, color="grey", linestyle="--", linewidth=0.8)
     left.set_title("DyT/Derf alpha")
     right.set_title("saturation margin alpha x std(input)")
     for ax in (left, right):
