@@ -24,8 +24,6 @@ def _status_record() -> dict[str, Any]:
         None,
     )
     record["builds_in_cache"] = [p.name for p in _build.cached_builds()]
-    marker = _build.cache_root() / f"cpu-{record['key']}" / _build.MARKER
-    record["build"] = json.loads(marker.read_text()) if record["key"] and marker.is_file() else None
     import torch
 
     record["gpu"] = (

@@ -233,13 +233,23 @@ def cached_builds() -> list[Path]:
     return sorted(p for p in root.glob("cpu-*") if p.is_dir()) if root.is_dir() else []
 
 
+def build_record(directory: Path) -> dict[str, Any] | None:
+    """What ``directory``'s ``built.json`` says of its build (seconds, ISA, flags, torch, when),
+    or ``None`` where there is no readable one."""
+    try:
+        record = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _expected_time() -> str:
     """The last finished build of this cache, else the usual figure."""
     times = []
     for directory in cached_builds():
         try:
-            seconds = float(json.loads((directory / MARKER).read_text())["seconds"])
-        except (OSError, ValueError, KeyError, TypeError):
+            seconds = float((build_record(directory) or {})["seconds"])
+        except (KeyError, TypeError, ValueError):
             continue
         if seconds >= 10:  # shorter: ninja found the objects of an earlier run already compiled
             times.append(seconds)
@@ -442,6 +452,7 @@ def status() -> dict[str, Any]:
         "cache": str(cache_root()),
         "key": directory.name.removeprefix("cpu-") if directory is not None else None,
         "cached": directory is not None and _finished(directory),
+        "build": build_record(directory) if directory is not None else None,
         "isa": chosen.name if chosen is not None else None,
         "isa_reason": isa_reason,
         "flags": " ".join(_flags(chosen)[0]) if chosen is not None else None,
