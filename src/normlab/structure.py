@@ -160,8 +160,78 @@ def _stack_key(name: str, module: nn.Module) -> tuple[int, int, int] | None:
     return _unique_params(module), len(children), -depth
 
 
+def _encoder_of(name: str) -> str | None:
+    """``"model.decoder.layers"`` -> ``"model.encoder.layers"`` (the last ``decoder`` part)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if "decoder" in parts[i]:
+            return ".".join([*parts[:i], parts[i].replace("decoder", "encoder"), *parts[i + 1 :]])
+    return None
+
+
+def _parallel_lists(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``module`` is one of several same-length lists of one parent that hold the parts of
+    each layer side by side (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``): its
+    items are sublayers, not residual blocks."""
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    if parent is None or not name:
+        return False
+    n = len(_children(module))
+    siblings = [
+        c
+        for c in _children(parent)
+        if c is not module and isinstance(c, nn.ModuleList) and len(_children(c)) == n
+    ]
+    return bool(siblings)
+
+
+def _blocks_of(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of a stack container; a stack of lists (Funnel's ``blocks``, PoolFormer's
+    stages) holds its blocks one level down, since a list is never called."""
+    pairs = [(f"{name}.{k}" if name else k, c) for k, c in container._modules.items() if c is not None]
+    if pairs and all(isinstance(c, nn.ModuleList) for _, c in pairs):
+        return [(f"{n}.{k}", c) for n, m in pairs for k, c in m._modules.items() if c is not None]
+    return pairs
+
+
 @overload
 def find_blocks(model: nn.Module, *, required: Literal[True] = True) -> BlockStack: ...
+def _encoder_of(name: str) -> str | None:
+    """``"model.decoder.layers"`` -> ``"model.encoder.layers"`` (the last ``decoder`` part)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if "decoder" in parts[i]:
+            return ".".join([*parts[:i], parts[i].replace("decoder", "encoder"), *parts[i + 1 :]])
+    return None
+
+
+def _parallel_lists(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``module`` is one of several same-length lists of one parent that hold the parts of
+    each layer side by side (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``): its
+    items are sublayers, not residual blocks."""
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    if parent is None or not name:
+        return False
+    n = len(_children(module))
+    siblings = [
+        c
+        for c in _children(parent)
+        if c is not module and isinstance(c, nn.ModuleList) and len(_children(c)) == n
+    ]
+    return bool(siblings)
+
+
+def _blocks_of(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of a stack container; a stack of lists (Funnel's ``blocks``, PoolFormer's
+    stages) holds its blocks one level down, since a list is never called."""
+    pairs = [(f"{name}.{k}" if name else k, c) for k, c in container._modules.items() if c is not None]
+    if pairs and all(isinstance(c, nn.ModuleList) for _, c in pairs):
+        return [(f"{n}.{k}", c) for n, m in pairs for k, c in m._modules.items() if c is not None]
+    return pairs
+
+
 @overload
 def find_blocks(model: nn.Module, *, required: bool) -> BlockStack | None: ...
 def find_blocks(model: nn.Module, *, required: bool = True) -> BlockStack | None:
@@ -176,7 +246,11 @@ def find_blocks(model: nn.Module, *, required: bool = True) -> BlockStack | None
        are blocks (each holds layers of its own and parameters) of one class, or of any classes
        under a conventional name (``blocks``, ``h``, ``layers``, ``layer``, ``block``); among
        several, the one holding the most parameters, then the longest, then the shallowest.
-       A list of projections, experts or per-head norms inside a block is never the stack.
+       A list of projections, experts or per-head norms inside a block is never the stack,
+       nor is one of several same-length lists that hold the parts of each layer side by side
+       (XLM); a stack of lists holds its blocks one level down (Funnel).
+    3. Encoder-decoders (T5, BART, Whisper): the encoder's stack, then the decoder's, one
+       stack (``name`` ``"encoder.block+decoder.block"``), numbered in forward order.
 
     Args:
         required: raise when no stack is found (else return ``None``).
@@ -196,17 +270,21 @@ def find_blocks(model: nn.Module, *, required: bool = True) -> BlockStack | None
         pairs = tuple((f"{n}.{k}", c) for n, m in stages for k, c in m._modules.items() if c is not None)
         if pairs:
             return BlockStack(pairs, _joined_parents(pairs))
-    best: tuple[tuple[int, int, int], str, nn.Module] | None = None
+    modules = dict(named)
+    candidates: dict[str, tuple[int, int, int]] = {}
     for name, module in named:
         key = _stack_key(name, module)
-        if key is not None and (best is None or key > best[0]):
-            best = (key, name, module)
-    if best is not None:
-        _, name, container = best
-        pairs = tuple(
-            (f"{name}.{k}" if name else k, c) for k, c in container._modules.items() if c is not None
-        )
-        return BlockStack(pairs, name)
+        if key is not None and not _parallel_lists(name, module, modules):
+            candidates[name] = key
+    if candidates:
+        best = max(candidates, key=lambda n: candidates[n])
+        parts = [best]
+        # an encoder-decoder: the encoder's stack runs first, then the decoder's (T5, BART, Whisper)
+        encoder = _encoder_of(best)
+        if encoder is not None and encoder in candidates:
+            parts = [encoder, best]
+        pairs = tuple(p for part in parts for p in _blocks_of(part, modules[part]))
+        return BlockStack(pairs, "+".join(parts))
     if not required:
         return None
     raise ValueError(

@@ -16,7 +16,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from normlab.convert.detect import TOKEN_KINDS, NormInfo, UnsupportedNormError, read_norm
+from normlab.convert.detect import (
+    TOKEN_KINDS,
+    NormInfo,
+    UnsupportedNormError,
+    probe_input,
+    probe_tolerance,
+    read_norm,
+)
 from normlab.convert.select import Where, compile_where
 from normlab.norms import NORMS
 from normlab.norms._base import NormMixin, NormSpec
@@ -24,7 +31,14 @@ from normlab.norms._info import EVAL, EXACT, NEW, ZERO_MEAN, NotConvertibleError
 from normlab.norms.lns import LNSScale
 from normlab.structure import BlockStack, Occurrence, find_blocks, occurrences
 
-__all__ = ["ConversionSummary", "Replacement", "Skipped", "convert_norms", "revert"]
+__all__ = [
+    "ConversionSummary",
+    "Replacement",
+    "Skipped",
+    "convert_norms",
+    "record_inputs",
+    "revert",
+]
 
 
 # options worth a glance in the report's table (the rest is in to_dict())
@@ -61,6 +75,7 @@ class Replacement:
     shared: list[str] = field(default_factory=list)
     new: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    checked: str = ""
     old_module: nn.Module | None = field(default=None, repr=False, compare=False)
     new_module: nn.Module | None = field(default=None, repr=False, compare=False)
     # internal: the slots that hold the module and which target tensors are source tensors
@@ -83,6 +98,7 @@ class Replacement:
             "shared": list(self.shared),
             "new": dict(self.new),
             "dropped": list(self.dropped),
+            "checked": self.checked,
         }
 
     def summary(self) -> str:
@@ -341,6 +357,7 @@ def _make(
     model: nn.Module,
     copy_affine: bool,
     norm_kwargs: Mapping[str, Any],
+    call_input: Tensor | None = None,
 ) -> Replacement:
     features, kw = _build_kwargs(info, cls, depth, occ.name, stack, norm_kwargs)
     device, dtype = _placement(info.module, model)
@@ -371,10 +388,68 @@ def _make(
     if info.note:
         rec.options.setdefault("read", info.note)
     new.train(info.module.training)
+    _verify(info, new, rec, call_input)
     label = getattr(info.module, "qualified_name", None)
     if isinstance(new, NormMixin) and isinstance(label, str):
         new.qualified_name = label
     return rec
+
+
+def _verify(info: NormInfo, new: nn.Module, rec: Replacement, call_input: Tensor | None) -> None:
+    """The guard on a replacement: ``new`` must take what the model gives the old module and give
+    an output of the same shape; a relation that claims equality is checked on it numerically
+    (on zero-mean rows for ``exact on zero-mean inputs``; in eval mode, the only one that leaves
+    running statistics alone), else downgraded to a new function with the difference found.
+
+    The input is the one the model called the old module with (``example=`` of
+    :func:`convert_norms`), else a fixed random input of the read shape.
+
+    Raises:
+        NotConvertibleError: ``new`` fails on that input or gives another shape.
+    """
+    old = info.module
+    x = call_input if call_input is not None else probe_input(info)
+    if x.device.type == "meta":
+        rec.checked = "not run (meta device)"
+        return
+    if rec.relation == ZERO_MEAN:
+        x = x - x.mean(dim=1 if info.channels_first else -1, keepdim=True)
+    modes = [(m, m.training) for m in (*old.modules(), *new.modules())]
+    try:
+        old.eval()
+        new.eval()
+        with torch.no_grad():
+            try:
+                want = old.forward(x)
+            except Exception as e:
+                raise NotConvertibleError(
+                    f"its own forward fails on a {tuple(x.shape)} probe input ({type(e).__name__}: {e})"
+                ) from e
+            try:
+                got = new.forward(x)
+            except Exception as e:
+                raise NotConvertibleError(
+                    f"the {type(new).__name__} built for it fails on the {tuple(x.shape)} input it takes "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ) from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(want, Tensor) or not isinstance(got, Tensor) or got.shape != want.shape:
+        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (want, got)]
+        raise NotConvertibleError(
+            f"on a {tuple(x.shape)} input it gives {shapes[0]}, {type(new).__name__} {shapes[1]}"
+        )
+    diff = float((got.double() - want.double()).abs().max() / (1.0 + want.double().abs().max()))
+    where = "the model's input" if call_input is not None else "a probe input"
+    if rec.relation not in (EXACT, ZERO_MEAN, EVAL):
+        rec.checked = f"runs on {where} {tuple(x.shape)}"
+        return
+    if diff <= probe_tolerance(want.dtype):
+        rec.checked = f"max relative difference {diff:.1e} on {where} {tuple(x.shape)}"
+        return
+    rec.checked = f"claimed {rec.relation}, differs by {diff:.2e} on {where} {tuple(x.shape)}"
+    rec.relation = NEW + f" (differs by {diff:.1e} on a probe)"
 
 
 def _move_lns_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -397,6 +472,7 @@ def convert_norms(
     copy_affine: bool = True,
     strict: bool = True,
     dry_run: bool = False,
+    example: Any = None,
     **norm_kwargs: Any,
 ) -> ConversionSummary:
     """Replace the normalization modules of ``model`` (in place) by normlab norm ``to``.
@@ -443,6 +519,11 @@ def convert_norms(
         strict: raise ``ValueError`` for a selected norm that cannot be converted (nothing is
             changed then); with ``strict=False`` it is skipped and the report says why.
         dry_run: build the report without changing the model.
+        example: an input of the model (a tensor, a tuple of positional inputs or a mapping of
+            keyword inputs). One no-grad eval forward records what each norm is called with:
+            the guard then checks every replacement on that very input, and norms without
+            weight or ``normalized_shape`` get their features from it. Without it, each
+            replacement is checked on a random input of the shape read from the module.
         **norm_kwargs: options of the target norm, for every replaced module.
 
     Returns:
@@ -458,6 +539,7 @@ def convert_norms(
     )
     replaced_prefixes: list[str] = []
     failures: list[str] = []
+    calls = {} if example is None else record_inputs(model, example)
 
     def refuse(names: tuple[str, ...], source: str, kind: str, reason: object) -> None:
         # strict: collected, then raised with nothing changed; else skipped, with the reason
@@ -475,8 +557,9 @@ def convert_norms(
             continue
         if not any(select(n, module) for n in names):
             continue
+        call_input = calls.get(id(module))
         try:
-            info = read_norm(module)
+            info = read_norm(module, input_shape=None if call_input is None else tuple(call_input.shape))
         except UnsupportedNormError as e:
             if where is not None or _family_of_unreadable(module) == spec.layout:
                 refuse(names, type(module).__name__, "unsupported", e)
@@ -494,7 +577,7 @@ def convert_norms(
             continue
         depth = None if stack is None else stack.depth_of(occ.name)
         try:
-            rec = _make(info, cls, occ, depth, stack, model, copy_affine, norm_kwargs)
+            rec = _make(info, cls, occ, depth, stack, model, copy_affine, norm_kwargs, call_input)
         except NotConvertibleError as e:
             refuse(names, info.source, "refused", e)
             continue
@@ -507,6 +590,46 @@ def convert_norms(
         )
     _install(report)
     return report
+
+
+def record_inputs(model: nn.Module, example: Any) -> dict[int, Tensor]:
+    """``id(module) -> the first tensor it is called with`` for every leaf module of ``model``, from
+    one no-grad forward on ``example`` in eval mode (dropout off, running statistics untouched;
+    the modes are restored). ``example``: a tensor, a tuple of positional inputs, or a mapping
+    of keyword inputs.
+
+    Raises:
+        ValueError: the model's forward fails on ``example`` (its message included).
+    """
+    seen: dict[int, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if id(module) not in seen and isinstance(first, Tensor):
+            seen[id(module)] = first.detach().clone()
+
+    leaves = [m for m in model.modules() if not m._modules]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in leaves]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example, Mapping):
+                model(**example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    except Exception as e:
+        raise ValueError(
+            f"convert_norms: the model's forward on example= failed ({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return seen
 
 
 def _install(report: ConversionSummary) -> None:

@@ -13,7 +13,9 @@ convention (``w`` vs ``1 + w``) is tried, else the module is refused with the di
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from dataclasses import replace
 
 import torch
@@ -22,11 +24,21 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.norms._base import NormMixin
-from normlab.norms._info import TOKEN_KINDS, NormInfo, group_norm_info, running_stats_info
+from normlab.norms._info import TOKEN_KINDS, Kind, NormInfo, group_norm_info, running_stats_info
 from normlab.norms.batch_norm import BatchNorm
 from normlab.norms.cross_bn import CrossBatchNorm
 
-__all__ = ["TOKEN_KINDS", "NormInfo", "UnsupportedNormError", "is_batchnorm", "read_norm"]
+__all__ = [
+    "TOKEN_KINDS",
+    "NormInfo",
+    "UnsupportedNormError",
+    "extra_inputs",
+    "is_batchnorm",
+    "probe_input",
+    "probe_shape",
+    "probe_tolerance",
+    "read_norm",
+]
 
 
 class UnsupportedNormError(Exception):
@@ -149,7 +161,50 @@ def _eps_of(module: nn.Module) -> float | None:
     return None
 
 
-def _foreign(module: nn.Module) -> NormInfo | None:
+def extra_inputs(module: nn.Module) -> list[str]:
+    """The named inputs of ``module.forward`` besides the tensor it normalizes (a gate, a residual,
+    a mask): what a one-input normlab norm cannot take. ``*args``/``**kwargs`` are not counted."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [p.name for p in named[1:]]
+
+
+def _takes_more(name: str, extra: list[str]) -> UnsupportedNormError:
+    return UnsupportedNormError(
+        f"{name}: its forward takes {', '.join(repr(e) for e in extra)} besides the input (a gated or "
+        "residual-taking norm); a normlab norm takes one input, so it is not replaced"
+    )
+
+
+def _learned(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` if it is a parameter or a persistent buffer (a frozen weight); a
+    non-persistent buffer is a placeholder that the module does not save, often unused (Falcon-Mamba's
+    weightless RMSNorm keeps one of another size), so it says nothing of the features."""
+    t = getattr(module, name, None)
+    if isinstance(t, nn.Parameter):
+        return t
+    if isinstance(t, Tensor) and name in module._buffers and name not in module._non_persistent_buffers_set:
+        return t
+    return None
+
+
+def _features(
+    module: nn.Module, weight: Tensor | None, input_shape: tuple[int, ...] | None
+) -> tuple[int, ...] | None:
+    shape_attr = getattr(module, "normalized_shape", None)
+    if isinstance(shape_attr, (int, tuple, list, torch.Size)):
+        return _shape(shape_attr)
+    if weight is not None:
+        return tuple(weight.shape)
+    if input_shape:
+        return (int(input_shape[-1]),)
+    return None
+
+
+def _foreign(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> NormInfo | None:
     t = type(module)
     name = t.__name__
     if name.endswith(("Act", "Act1d", "Act2d", "Act3d")) and "Norm" in name:
@@ -162,69 +217,88 @@ def _foreign(module: nn.Module) -> NormInfo | None:
         raise UnsupportedNormError(
             f"{name} is a subclass of torch's BatchNorm whose computation normlab does not know"
         )
-    if isinstance(module, nn.LayerNorm):
-        ln: nn.LayerNorm = module
-        info = NormInfo(
-            "layernorm",
-            module,
-            tuple(ln.normalized_shape),
-            channels_first=_channels_first_name(module),
-            eps=float(ln.eps),
-            weight=ln.weight,
-            bias=ln.bias,
-            foreign=True,
+    row_norm = isinstance(module, nn.LayerNorm) or (
+        _ROW_NORM_NAME.search(name) is not None
+        and not any(k in name for k in ("Batch", "Group", "Instance"))
+        and not list(module.children())
+    )
+    if not row_norm:
+        return None
+    extra = extra_inputs(module)
+    if extra:
+        raise _takes_more(name, extra)
+    weight = _learned(module, "weight")
+    bias = _learned(module, "bias")
+    shape = _features(module, weight, input_shape)
+    if shape is None:
+        raise UnsupportedNormError(
+            f"{name} has no weight and no normalized_shape, so its features show only in a forward; "
+            "pass example= (an input of the model) to convert_norms"
         )
-        return _probe(info)
-    if _is_rms_name(name) and not list(module.children()):
-        w = _param(module, "weight")
-        shape_attr = getattr(module, "normalized_shape", None)
-        if shape_attr is not None:
-            shape = _shape(shape_attr)
-        elif w is not None:
-            shape = tuple(w.shape)
-        else:
-            raise UnsupportedNormError(
-                f"{name}: neither a weight nor a normalized_shape to read the features from"
+    rms_first = _is_rms_name(name) and not isinstance(module, nn.LayerNorm)
+    kinds: tuple[Kind, ...] = ("rmsnorm", "layernorm") if rms_first else ("layernorm", "rmsnorm")
+    eps = float(module.eps) if isinstance(module, nn.LayerNorm) else _eps_of(module)
+    candidates = []
+    for kind in kinds:
+        for offset in (0.0, 1.0) if weight is not None else (0.0,):
+            note = "weight used as 1 + w" if offset else ""
+            candidates.append(
+                NormInfo(
+                    kind,
+                    module,
+                    shape,
+                    channels_first=_channels_first_name(module),
+                    eps=eps,
+                    weight=weight,
+                    bias=bias,
+                    weight_offset=offset,
+                    foreign=True,
+                    note=note,
+                )
             )
-        eps = _eps_of(module)
-        info = NormInfo(
-            "rmsnorm",
-            module,
-            shape,
-            channels_first=_channels_first_name(module),
-            eps=eps,
-            weight=w,
-            bias=_param(module, "bias"),
-            foreign=True,
-        )
-        return _probe(info)
-    return None
+    return _probe(candidates, input_shape)
+
+
+# leaf classes read by what they compute: the LayerNorm/RMSNorm names of Hugging Face and timm
+_ROW_NORM_NAME = re.compile(
+    r"(LayerNorm|RMSNorm|RmsNorm|LayerNorm1P|ScaleNorm)(\d?[dD])?(Fp32)?$|^[A-Z]\w*Norm(2d)?$"
+)
 
 
 def _looks_like_norm(module: nn.Module) -> bool:
     name = type(module).__name__
-    if "Norm" not in name or "WeightNorm" in name or "SpectralNorm" in name or list(module.children()):
+    if "WeightNorm" in name or "SpectralNorm" in name or list(module.children()):
         return False
-    return _eps_of(module) is not None or isinstance(getattr(module, "weight", None), nn.Parameter)
+    return re.search(r"Norm(?!al)", name) is not None
 
 
-def read_norm(module: nn.Module) -> NormInfo | None:
+def read_norm(module: nn.Module, *, input_shape: tuple[int, ...] | None = None) -> NormInfo | None:
     """Read ``module`` as a norm: a :class:`NormInfo`, or ``None`` if it is not a norm.
 
+    A class normlab does not know (a Hugging Face per-model norm, timm's, a user's) is read by what
+    it computes: each reading its attributes allow (LayerNorm or RMSNorm, weight ``w`` or ``1 + w``,
+    with or without bias) is checked against the module's output on a probe input, and the one
+    that matches is taken. ``input_shape``, the shape the model calls it with, gives the features
+    of a norm without weight or ``normalized_shape`` (Hugging Face's NanoChat RMSNorm).
+
     Raises:
-        UnsupportedNormError: a module that looks like a norm (a leaf whose class name says Norm and
-            that has an eps or a weight) but cannot be read, or whose probe output disagrees.
+        UnsupportedNormError: a module that looks like a norm (a leaf whose class name says Norm)
+            but cannot be read: its forward takes more than the input, no reading matches its
+            output, or its features cannot be known.
     """
     info = _known(module)
     if info is not None:
         return info
-    info = _foreign(module)
+    info = _foreign(module, input_shape)
     if info is not None:
         return info
     if _looks_like_norm(module):
+        extra = extra_inputs(module)
+        if extra:
+            raise _takes_more(type(module).__name__, extra)
         raise UnsupportedNormError(
-            f"{type(module).__name__} is not a norm class normlab recognises (torch, normlab, Hugging Face "
-            "per-model RMSNorm/LayerNorm, timm, torchvision)"
+            f"{type(module).__name__} is not a norm class normlab recognises (torch, normlab, and any leaf "
+            "LayerNorm/RMSNorm that computes one of them)"
         )
     return None
 
@@ -253,36 +327,63 @@ def reference(info: NormInfo, x: Tensor) -> Tensor:
     return y.movedim(-1, 1) if info.channels_first else y
 
 
-def _probe_input(info: NormInfo, dtype: torch.dtype, device: torch.device) -> Tensor:
+def probe_shape(info: NormInfo) -> tuple[int, ...]:
+    """A small input shape the module of ``info`` accepts: ``(2, C, *spatial)`` for channels-first
+    norms (the spatial rank of a ``...1d``/``...3d`` class), ``(2, 3, *shape)`` otherwise."""
+    if not info.channels_first:
+        return (2, 3, *info.shape)
+    name = type(info.module).__name__
+    k = info.spatial_dims or (1 if name.endswith("1d") else 3 if name.endswith("3d") else 2)
+    return (2, info.num_features, *(3,) * k)
+
+
+def probe_input(info: NormInfo, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A fixed random input for ``info``'s module, in its dtype and on its device."""
     gen = torch.Generator().manual_seed(1234)
-    shape = (2, info.num_features, 2, 3) if info.channels_first else (2, 3, *info.shape)
     # A mean away from 0 and a spread away from 1, so LayerNorm, RMSNorm and a missing
     # normalization all give different outputs.
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.7 + 0.6
-    return x.to(device=device, dtype=dtype)
-
-
-def _probe(info: NormInfo) -> NormInfo:
-    """Check ``info`` against the module's output; try Gemma's ``1 + w`` for an RMSNorm."""
+    x = torch.randn(shape or probe_shape(info), generator=gen, dtype=torch.float64) * 1.7 + 0.6
     tensors = [t for t in (*info.module.parameters(), *info.module.buffers()) if t.is_floating_point()]
     device = tensors[0].device if tensors else torch.device("cpu")
-    if device.type == "meta":
+    return x.to(device=device, dtype=info.module_dtype())
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a probe comparison in ``dtype`` (float32: 1e-5)."""
+    return 1e-5 if dtype == torch.float64 or dtype == torch.float32 else 3e-2
+
+
+# eps values tried when the module does not say its own (OLMo's LayerNorm hard-codes 1e-5)
+_EPS_GUESSES = (1e-5, 1e-6, 1e-8, 1e-12, 0.0)
+
+
+def _probe(candidates: list[NormInfo], input_shape: tuple[int, ...] | None = None) -> NormInfo:
+    """The first candidate reading whose formula gives the module's output on a probe input."""
+    info = candidates[0]
+    if any(t.device.type == "meta" for t in (*info.module.parameters(), *info.module.buffers())):
         return info  # nothing to run; the reading by attributes stands
     dtype = info.module_dtype()
-    x = _probe_input(info, dtype, device)
+    shape = input_shape if input_shape is not None else probe_shape(info)
+    x = probe_input(info, shape)
     try:
         with torch.no_grad():
             out = info.module.forward(x).double()  # forward, not __call__: hooks (LNS) are not the norm
+            tiny = info.module.forward(x * 1e-3).double() if info.eps is None else None
     except Exception as e:  # a foreign forward may reject the probe shape; that is a refusal
         raise UnsupportedNormError(
             f"{info.source}: probing its forward failed ({type(e).__name__}: {e})"
         ) from e
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-    candidates: list[NormInfo] = [info]
-    if info.kind == "rmsnorm" and info.weight is not None:
-        candidates.append(replace(info, weight_offset=1.0, note="weight used as 1 + w (Gemma convention)"))
     worst = math.inf
     for cand in candidates:
+        if cand.eps is None:  # the eps that fits a small-variance input, where eps shows
+            fits = []
+            for eps in _EPS_GUESSES:
+                ref_tiny = reference(replace(cand, eps=eps), x.double() * 1e-3)
+                if tiny is not None and ref_tiny.shape == tiny.shape:
+                    fits.append((float((tiny - ref_tiny).abs().max() / (1 + ref_tiny.abs().max())), eps))
+            if fits:
+                cand = replace(cand, eps=min(fits)[1])
         ref = reference(cand, x.double())
         if ref.shape != out.shape:
             continue
@@ -291,7 +392,9 @@ def _probe(info: NormInfo) -> NormInfo:
         if diff <= bound:
             return cand
         worst = min(worst, diff)
+    kinds = " / ".join(dict.fromkeys(c.kind for c in candidates))
     raise UnsupportedNormError(
-        f"{info.source}: its output on a probe input does not match {info.kind} with the parameters read "
-        f"(eps={info.eps}, channels_first={info.channels_first}; max difference {worst:.3g})"
+        f"{info.source}: its output on a probe input matches no reading normlab has ({kinds} over the last "
+        f"{len(info.shape)} dim(s) of size {info.shape}, weight w or 1 + w, eps={info.eps}, "
+        f"channels_first={info.channels_first}; smallest max difference {worst:.3g})"
     )

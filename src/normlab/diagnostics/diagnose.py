@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from torch import nn
+from torch import Tensor, nn
 
 from normlab.diagnostics.depth import (
     Blocks,
@@ -65,12 +65,16 @@ def diagnose(
         data, spec: free text recorded in the report (what the batch is, how the model was built).
     """
     notes: list[str] = []
+    stack = "given"
     if blocks is None:
         try:
-            blocks = find_blocks(model)
+            found = find_blocks(model)
         except ValueError as e:
             blocks = []
+            stack = ""
             notes.append(str(e))
+        else:
+            blocks, stack = list(found), strip_prefixes(found.name) or "<root>"
     blocks = list(blocks)
     captures = residual_capture(model, blocks) if blocks else ()
     passed = probe_pass(
@@ -89,6 +93,7 @@ def diagnose(
             num_params=sum(p.numel() for p in model.parameters()),
             num_blocks=len(blocks),
             block_names=[strip_prefixes(n) for n, _ in blocks],
+            stack=stack,
             spec=spec,
         ),
         data=data,
@@ -100,10 +105,18 @@ def diagnose(
         model_update=model_update,
         notes=notes,
     )
+    hidden: list[Tensor] | None = None
     if blocks:
-        hidden = hidden_from_captures(*captures)
+        try:
+            hidden = hidden_from_captures(*captures)
+        except ValueError as e:  # blocks the model's forward does not call on this batch
+            report.notes.append(
+                f"{e} by the model's forward on this batch (blocks found in {stack}): residual "
+                "stream, angular distance and block removal not measured"
+            )
+    if hidden is not None:
         report.residual = residual_stats(hidden, ["input", *report.model.block_names])
-        report.angular = angular_distances(hidden, max_n=max_n)
+        report.angular = angular_distances(hidden, max_n=None if max_n is None else min(max_n, len(blocks)))
         report.block_influence = block_influences(hidden)
         if removal and math.isfinite(passed.loss):
             report.removal = removal_sensitivity(model, batch, blocks=blocks, loss_fn=loss_fn, train=train)

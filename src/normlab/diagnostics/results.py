@@ -56,6 +56,7 @@ class ModelInfo(Result):
     num_blocks: int
     block_names: list[str]
     spec: str = ""
+    stack: str = ""  # where the blocks were found ("model.layers", "encoder.block+decoder.block")
 
 
 @dataclass

@@ -87,6 +87,7 @@ def markdown_summary(report: Diagnosis, *, images: Sequence[str] = ()) -> str:
     lines = [f"# normlab diagnose: {m.spec or m.model_type}", ""]
     lines.append(
         f"- model: `{m.model_type}`, {m.num_params:,} parameters, {m.num_blocks} blocks"
+        + (f" in `{m.stack}`" if m.stack and m.stack != "given" else "")
         + (f" (`{m.block_names[0]}` ... `{m.block_names[-1]}`)" if m.block_names else "")
     )
     lines.append(f"- data: {report.data or 'as given'}")
