@@ -207,7 +207,7 @@ def test_apply_layernorm_scaling_matches_a_hand_scaled_reference(family: str, pr
 
 
 def test_layernorm_scaling_refuses_post_ln_bert() -> None:
-    with pytest.raises(ValueError, match="BertLayer is not a Pre-LN block"):
+    with pytest.raises(ValueError, match="BertLayer is Post-LN"):
         apply_layernorm_scaling(_build("bert"))
 
 

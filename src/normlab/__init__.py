@@ -13,6 +13,7 @@ from normlab.convert import (
     fold_batchnorm,
     fold_dyt,
     freeze_batchnorm,
+    inspect,
     remove_layernorm_scaling,
     unfreeze_batchnorm,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "freeze_batchnorm",
     "get_norm_layer",
     "init_batchless",
+    "inspect",
     "label_modules",
     "list_norms",
     "list_placements",

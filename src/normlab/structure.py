@@ -197,41 +197,6 @@ def _blocks_of(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @overload
 def find_blocks(model: nn.Module, *, required: Literal[True] = True) -> BlockStack: ...
-def _encoder_of(name: str) -> str | None:
-    """``"model.decoder.layers"`` -> ``"model.encoder.layers"`` (the last ``decoder`` part)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if "decoder" in parts[i]:
-            return ".".join([*parts[:i], parts[i].replace("decoder", "encoder"), *parts[i + 1 :]])
-    return None
-
-
-def _parallel_lists(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``module`` is one of several same-length lists of one parent that hold the parts of
-    each layer side by side (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``): its
-    items are sublayers, not residual blocks."""
-    parent_name = name.rpartition(".")[0]
-    parent = modules.get(parent_name)
-    if parent is None or not name:
-        return False
-    n = len(_children(module))
-    siblings = [
-        c
-        for c in _children(parent)
-        if c is not module and isinstance(c, nn.ModuleList) and len(_children(c)) == n
-    ]
-    return bool(siblings)
-
-
-def _blocks_of(name: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks of a stack container; a stack of lists (Funnel's ``blocks``, PoolFormer's
-    stages) holds its blocks one level down, since a list is never called."""
-    pairs = [(f"{name}.{k}" if name else k, c) for k, c in container._modules.items() if c is not None]
-    if pairs and all(isinstance(c, nn.ModuleList) for _, c in pairs):
-        return [(f"{n}.{k}", c) for n, m in pairs for k, c in m._modules.items() if c is not None]
-    return pairs
-
-
 @overload
 def find_blocks(model: nn.Module, *, required: bool) -> BlockStack | None: ...
 def find_blocks(model: nn.Module, *, required: bool = True) -> BlockStack | None:

@@ -19,15 +19,19 @@ from normlab.convert.checkpoint import apply_steps, load_converted
 from normlab.convert.convert import ConversionSummary, Replacement, Skipped, convert_norms, revert
 from normlab.convert.detect import NormInfo, UnsupportedNormError, read_norm
 from normlab.convert.dyt import fold_dyt
+from normlab.convert.inspection import BlockPlacement, Inspection, NormSite, inspect
 from normlab.convert.lns import apply_layernorm_scaling, pre_norm_names, remove_layernorm_scaling
 from normlab.convert.select import compile_where
 from normlab.norms.cross_bn import convert_sync, revert_sync
 from normlab.structure import find_blocks
 
 __all__ = [
+    "BlockPlacement",
     "ConversionSummary",
     "FoldSummary",
+    "Inspection",
     "NormInfo",
+    "NormSite",
     "Replacement",
     "Skipped",
     "UnsupportedNormError",
@@ -40,6 +44,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_dyt",
     "freeze_batchnorm",
+    "inspect",
     "load_converted",
     "pre_norm_names",
     "read_norm",

@@ -510,8 +510,9 @@ def convert_norms(
         model: the model; changed in place (not with ``dry_run``).
         to: a registered norm name (``normlab.list_norms()``) or class.
         where: which norms (see :func:`~normlab.convert.select.compile_where`): a name pattern
-            (``"layers.0-5"``, ``"h.*.ln_1"``), a depth range (``"0-5"``, ``range(6)``), a
-            class, a callable ``(name, module) -> bool``, or a list of these. ``None``: the
+            (``"layers.0-5"``, ``"h.*.ln_1"``), a depth range (``"0-5"``, ``range(6)``), the
+            query/key norms of attention (``"qk"``), a class, a callable ``(name, module) ->
+            bool``, or a list of these. ``None``: the
             LayerNorm-like norms for a per-token target (LayerNorm, RMSNorm, DyT, LNS, ...),
             the BatchNorms for a channel target (GroupNorm, Batchless, CrossBatchNorm, ...);
             BatchNorm is left alone for DyT unless selected (DyT#9).

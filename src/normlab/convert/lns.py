@@ -12,15 +12,23 @@ picklable object; ``copy.deepcopy`` and ``torch.save(model)`` keep it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import nn
 
 from normlab.blocks.lns import LNSBlock
 from normlab.blocks.pre import PreLNBlock
+from normlab.convert.roles import default_example, placement_of, trace_roles
 from normlab.norms.lns import LayerNormScaling, LNSScale
 from normlab.structure import find_blocks
 
-__all__ = ["LNSScale", "apply_layernorm_scaling", "pre_norm_names", "remove_layernorm_scaling"]
+__all__ = [
+    "LNSScale",
+    "apply_layernorm_scaling",
+    "layernorm_scaling_plan",
+    "pre_norm_names",
+    "remove_layernorm_scaling",
+]
 
 
 # Decoder layers whose FFN norm is applied to the sublayer *output* (sandwich / Peri-LN:
@@ -67,33 +75,58 @@ def pre_norm_names(block: nn.Module) -> list[str]:
     )
 
 
-def apply_layernorm_scaling(model: nn.Module) -> dict[str, float]:
-    """Turn a Pre-LN model into its LayerNorm Scaling version (arXiv:2502.05795), in place.
+_PRE_LN = ("Pre-LN", "parallel Pre-LN")
 
-    The pre-norms of block ``l`` of the model's block stack (normlab GPT ``blocks``, GPT-2
-    ``transformer.h``, LLaMA/Qwen/Mistral ``model.layers``) get their output multiplied by
-    ``1/sqrt(l + 1)``; the final norm is left alone. Parameters and the state_dict do not change.
-    A second call changes nothing. Returns ``{qualified name of each scaled norm: scale}``.
+
+def layernorm_scaling_plan(model: nn.Module, *, example: Any = None) -> list[tuple[str, nn.Module, int]]:
+    """``[(qualified name, norm, l), ...]``: the pre-norms LNS scales by ``1/sqrt(l + 1)`` (``l``
+    the 0-based index of their block), changing nothing.
+
+    With an input (``example``, or one made from a Hugging Face model's config), the pre-norms
+    are found by what one forward shows (:func:`normlab.convert.inspection.block_roles`): the
+    norms whose output is a sublayer's input, in blocks whose placement is Pre-LN (parallel
+    included). Without one, by the attribute names of :func:`pre_norm_names`.
 
     Raises:
-        ValueError: no block stack, a block that is not Pre-LN (see :func:`pre_norm_names`),
-            a norm that already scales (``norm="lns"``), or a norm shared between blocks.
-            Nothing is changed then.
+        ValueError: no block stack, an encoder-decoder, a block that is not Pre-LN (with its
+            traced placement), a norm that already scales, or a norm shared between blocks.
     """
     stack = find_blocks(model, required=False)
     if stack is None:
         raise ValueError(
             "apply_layernorm_scaling: no stack of blocks (a ModuleList of repeated blocks) found"
         )
+    if "encoder" in stack.name and "decoder" in stack.name:
+        raise ValueError(
+            f"apply_layernorm_scaling: {stack.name} is an encoder-decoder; LNS (arXiv:2502.05795) scales "
+            "the pre-norms of one stack of a Pre-LN decoder"
+        )
+    on_meta = any(t.device.type == "meta" for t in model.parameters())
+    if example is None and not on_meta:
+        example = default_example(model)
+    traced: dict[str, dict[str, str]] = {}
+    if example is not None and not on_meta:
+        try:
+            traced = trace_roles(model, stack, example)
+        except Exception:  # a forward that fails here leaves the reading by names
+            traced = {}
     plan: list[tuple[str, nn.Module, int]] = []
     seen: dict[int, str] = {}
     for i, (block_name, block) in enumerate(stack):
+        roles = traced.get(block_name)
+        normlab_block = hasattr(block, "norm_attn")
         try:
-            attrs = pre_norm_names(block)
+            if roles is None or normlab_block:
+                attrs = pre_norm_names(block)
+            else:
+                placement = placement_of(block, roles)
+                if placement not in _PRE_LN:
+                    raise ValueError(f"{type(block).__name__} is {placement} (seen in a forward), not Pre-LN")
+                attrs = [rel for rel, role in roles.items() if role.startswith("pre")]
         except ValueError as e:
             raise ValueError(f"apply_layernorm_scaling: block {block_name}: {e}") from None
         for attr in attrs:
-            norm = getattr(block, attr)
+            norm = block.get_submodule(attr)
             qname = f"{block_name}.{attr}"
             if isinstance(norm, LayerNormScaling) and norm.layer_idx > 0:
                 raise ValueError(
@@ -103,15 +136,36 @@ def apply_layernorm_scaling(model: nn.Module) -> dict[str, float]:
                 raise ValueError(f"apply_layernorm_scaling: {qname} is the same module as {seen[id(norm)]}")
             seen[id(norm)] = qname
             plan.append((qname, norm, i))
-    scaled: dict[str, float] = {}
+    return plan
+
+
+def apply_layernorm_scaling(model: nn.Module, *, example: Any = None) -> dict[str, float]:
+    """Turn a Pre-LN model into its LayerNorm Scaling version (arXiv:2502.05795), in place.
+
+    The pre-norms of block ``l`` of the model's block stack (normlab GPT ``blocks``, GPT-2
+    ``transformer.h``, LLaMA/Qwen/Mistral ``model.layers``, any block a forward shows to be
+    Pre-LN: see :func:`layernorm_scaling_plan`) get their output multiplied by
+    ``1/sqrt(l + 1)``; the final norm is left alone. Parameters and the state_dict do not change.
+    A second call changes nothing. Returns ``{qualified name of each scaled norm: scale}``.
+
+    Args:
+        example: an input of the model for the forward that finds the pre-norms (a Hugging Face
+            model gets one from its config).
+
+    Raises:
+        ValueError: see :func:`layernorm_scaling_plan`. Nothing is changed then.
+    """
+    plan = layernorm_scaling_plan(model, example=example)
     for qname, norm, i in plan:
         hooks = [h for h in norm._forward_hooks.values() if isinstance(h, LNSScale)]
-        if not hooks:
-            norm.register_forward_hook(LNSScale(i))
-        elif hooks[0].layer_idx != i:
+        if hooks and hooks[0].layer_idx != i:
             raise ValueError(
                 f"apply_layernorm_scaling: {qname} is scaled for layer {hooks[0].layer_idx}, not {i}"
             )
+    scaled: dict[str, float] = {}
+    for qname, norm, i in plan:
+        if not any(isinstance(h, LNSScale) for h in norm._forward_hooks.values()):
+            norm.register_forward_hook(LNSScale(i))
         scaled[qname] = 1.0 / math.sqrt(i + 1)
     return scaled
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from normlab.structure import BlockStack
 
-__all__ = ["Where", "compile_where"]
+__all__ = ["QK_PART", "SITES", "Where", "compile_where", "is_qk_name"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -24,6 +24,15 @@ __all__ = ["Where", "compile_where"]
 Where: TypeAlias = "str | type | range | Callable[[str, nn.Module], bool] | Sequence[Where] | None"
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# the attribute names of query/key norms inside attention (QK-norm: OLMo 2, Qwen 3, Gemma 3,
+# StableLM's per-head lists, Cohere, Chameleon...): ``q_norm``, ``k_layernorm``, ``query_norm``, ``norm_k``
+QK_PART = re.compile(r"^((q|k|query|key)_?(norm|layernorm|layer_norm|ln)|(norm|ln)_?(q|k))$")
+SITES = {"qk": "the query/key norms inside attention (a name part q_norm, k_norm, q_layernorm, ...)"}
+
+
+def is_qk_name(name: str) -> bool:
+    """Whether ``name`` is, or lies inside, a query/key norm (:data:`QK_PART` on one of its parts)."""
+    return any(QK_PART.match(part) for part in name.split("."))
 
 
 def _part_matcher(part: str, where: str) -> Callable[[str], bool]:
@@ -63,6 +72,9 @@ def compile_where(where: Where, stack: BlockStack | None) -> Callable[[str, nn.M
     """Turn a ``where`` selector into ``(qualified_name, module) -> bool``.
 
     * ``None``: everything.
+    * ``"qk"``: the query/key norms of attention (QK-norm), whose attribute is named ``q_norm``,
+      ``k_norm``, ``q_layernorm``, ``k_layernorm``, ``query_norm``, ``key_norm``, ``norm_q``,
+      ``norm_k`` (or ``_ln``), with what they hold (StableLM's per-head lists).
     * a pattern string, e.g. ``"layers.0-5"``, ``"h.*.ln_1"``, ``"**.norm"``: its dot-separated parts
       match consecutive parts of a module's qualified name (so a block's pattern selects what is
       inside it). A part is a glob (``*``, ``?``, ``[...]``), an integer or inclusive range ``a-b``,
@@ -91,6 +103,8 @@ def compile_where(where: Where, stack: BlockStack | None) -> Callable[[str, nn.M
             depths = where
         wanted = set(depths)
         return lambda name, module: stack.depth_of(name) in wanted
+    if where == "qk":
+        return lambda name, module: is_qk_name(name)
     if isinstance(where, str):
         match = _pattern(where)
         return lambda name, module: match(name)
