@@ -21,6 +21,7 @@ SUBCOMMANDS = (
     "listing",
     "smoke",
     "convert",
+    "inspect",
     "diagnose",
     "study",
     "compare",

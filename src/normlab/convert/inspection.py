@@ -189,11 +189,7 @@ def _representatives(sites: list[NormSite]) -> list[tuple[NormSite, int]]:
 
 
 def computes(info: NormInfo) -> str:
-    """The formula of ``info`` in one line (normlab norms: the first line of their docstring)."""
-    if isinstance(info.module, NormMixin) and not info.foreign:
-        doc = (type(info.module).__doc__ or "").strip().splitlines()
-        if doc:
-            return doc[0].rstrip(".")
+    """The formula of ``info`` in one line (another normlab norm: the first line of its docstring)."""
     w = {0.0: "w", 1.0: "(1 + w)"}.get(info.weight_offset, f"({info.weight_offset:g} + w)")
     scale = "" if info.scale == 1.0 else f" x {info.scale:.4g}"
     affine = (f" * {w}" if info.weight is not None else "") + (" + b" if info.bias is not None else "")
@@ -209,7 +205,8 @@ def computes(info: NormInfo) -> str:
         return f"(x - mean) / sqrt(var + {eps}){affine} over {info.num_groups} groups of channels"
     if info.kind == "instancenorm":
         return f"(x - mean) / sqrt(var + {eps}){affine} per sample and channel"
-    return info.note or info.kind
+    doc = (type(info.module).__doc__ or "").strip().splitlines()
+    return doc[0].rstrip(".") if isinstance(info.module, NormMixin) and doc else info.note or info.kind
 
 
 def _outside_role(order: int | None, block_orders: list[int]) -> str:

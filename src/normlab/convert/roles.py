@@ -239,8 +239,16 @@ def is_norm_module(module: nn.Module) -> bool:
 
 
 def default_example(model: nn.Module) -> Any:
-    """A small input for a Hugging Face model, from its config (``None`` for anything else)."""
-    config = getattr(model, "config", None)
+    """A small input for a Hugging Face model or a normlab GPT, from its config (``None`` for
+    anything else)."""
+    config: Any = getattr(model, "config", None)
+    vocab_size, block_size = getattr(config, "vocab_size", None), getattr(config, "block_size", None)
+    if isinstance(vocab_size, int) and isinstance(block_size, int) and not hasattr(config, "to_dict"):
+        # normlab's GPT: token ids of its vocabulary
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab_size, (1, min(8, block_size)), generator=gen)
+        first = next(iter(model.parameters()), None)
+        return ids if first is None else ids.to(first.device)
     if config is None or not hasattr(config, "to_dict"):
         return None
     main = getattr(model, "main_input_name", "input_ids")

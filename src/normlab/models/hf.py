@@ -20,6 +20,7 @@ __all__ = [
     "hf_model",
     "hf_model_of_class",
     "hf_tiny_config",
+    "shrink_config",
 ]
 
 
@@ -223,15 +224,18 @@ def hf_tiny_config(model_type: str, fields: Mapping[str, Any] | None = None) -> 
     Raises:
         ValueError: an unknown ``model_type``, or a config class that rejects the small sizes.
     """
-    default = hf_config(model_type)
-    data = _shrink(default.to_dict())
-    data.pop("model_type", None)
-    for key in ("transformers_version", "architectures", "_name_or_path"):
+    return shrink_config(hf_config(model_type), fields)
+
+
+def shrink_config(config: Any, fields: Mapping[str, Any] | None = None) -> Any:
+    """``config`` (a Hugging Face config) in miniature: see :func:`hf_tiny_config`."""
+    data = _shrink(config.to_dict())
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
         data.pop(key, None)
     data.update(fields or {})
     try:
-        return type(default)(**data)
+        return type(config)(**data)
     except Exception as e:  # config classes raise their own validation errors
         raise ValueError(
-            f"hf: model_type {model_type!r} rejects a tiny config ({type(e).__name__}: {e})"
+            f"hf: model_type {config.model_type!r} rejects a tiny config ({type(e).__name__}: {e})"
         ) from None
