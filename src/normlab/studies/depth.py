@@ -178,7 +178,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="lns-variance-deep",
@@ -189,7 +189,7 @@ CLAIMS = (
         metric="resid_var_growth",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0),
+        rule=Better(lower_is_better=True),
     ),
     Claim(
         id="lns-deep-blocks-matter",
@@ -200,7 +200,7 @@ CLAIMS = (
         metric="removal_deep_share",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.02),
+        rule=Better(lower_is_better=False, min_effect=0.02),
     ),
     Claim(
         id="deepnorm-beats-post-deep",
@@ -210,7 +210,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DeepNorm L12", "deepnorm"),
         b=_side("Post-LN L12", "post"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="b2t-beats-post-deep",
@@ -221,7 +221,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("B2T L12", "b2t"),
         b=_side("Post-LN L12", "post"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="mixln-vs-pre-deep",
@@ -231,7 +231,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Mix-LN L12", "mixln"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
 )
 

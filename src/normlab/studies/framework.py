@@ -26,6 +26,13 @@ from typing import Any, ClassVar, Literal
 
 from normlab.registry import Registry
 from normlab.studies.overrides import apply_to_specs
+from normlab.studies.stats import (
+    newcombe_interval,
+    paired_interval,
+    t_interval,
+    welch_interval,
+    wilson_interval,
+)
 from normlab.train.config import RunConfig
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
@@ -174,10 +181,20 @@ class Outcome:
     numbers: dict[str, float]
 
 
+DEFAULT_LEVEL = 0.95
+
+
 class Rule:
-    """A verdict rule: from the per-seed values of side A (and B) to a verdict."""
+    """A verdict rule: from the per-seed values of side A (and B) to a verdict.
+
+    Every rule decides with a confidence interval at ``level`` (default 95%), never with the
+    point estimates alone; a rule's ``k`` (the width in standard deviations of the rules before
+    intervals) is deprecated: still accepted, so that an older ``plan.json`` or study file
+    loads, and ignored.
+    """
 
     kind: ClassVar[str]
+    level: float
 
     def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
         raise NotImplementedError
@@ -186,31 +203,101 @@ class Rule:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        if d.get("k") is None:
+            d.pop("k", None)
+        return {"kind": self.kind, **d}
+
+    def _check(self) -> None:
+        if isinstance(self.level, bool) or not 0.0 < self.level < 1.0:
+            raise ValueError(f"{type(self).__name__}: level must be in (0, 1), got {self.level!r}")
 
 
-def _too_few(a: Stats, b: Stats | None) -> Outcome | None:
+def _too_few(a: Stats, b: Stats | None, need: int = 2) -> Outcome | None:
     sides = [a] if b is None else [a, b]
     if any(s.n == 0 for s in sides):
         return Outcome("inconclusive", "no finished runs on a side", {})
-    if any(s.n < 2 for s in sides):
+    if any(s.n < need for s in sides):
         return Outcome("inconclusive", "fewer than 2 seeds on a side: the spread is unknown", {})
     return None
 
 
+def _interval(a: Stats, b: Stats, *, paired: bool, level: float) -> tuple[float, float, float]:
+    """``(mean_a - mean_b, low, high)``: Welch's interval, or the paired t interval of the
+    per-seed differences (the report passes the seeds finished on both sides, in seed order)."""
+    if paired:
+        got = paired_interval(a.values, b.values, level=level)
+    else:
+        got = welch_interval(a.values, b.values, level=level)
+    assert got is not None  # _too_few came first
+    return got
+
+
+def _ci(lo: float, hi: float, level: float) -> str:
+    return f"{level:.0%} CI [{lo:.4g}, {hi:.4g}]"
+
+
+def _effect_verdict(
+    gain: float, lo: float, hi: float, min_effect: float, level: float, what: str
+) -> tuple[Verdict, str]:
+    """The three outcomes of a directional claim from the interval ``[lo, hi]`` of its ``gain``
+    (positive: the claimed direction), shared by :class:`Better` and :class:`Rate`."""
+    ci = _ci(lo, hi, level)
+    if lo > 0 and gain >= min_effect:
+        floor = f", {what} {gain:.4g} >= min_effect {min_effect:g}" if min_effect else ""
+        return "reproduced", f"{what} {gain:.4g}, {ci} excludes 0{floor}"
+    if hi < 0:
+        return "not reproduced", f"{what} {gain:.4g}, {ci} lies entirely in the opposite direction"
+    if min_effect > 0 and -min_effect < lo and hi < min_effect:
+        return "not reproduced", f"{what} {gain:.4g}, {ci} lies inside +-min_effect {min_effect:g}: no effect"
+    if lo > 0:
+        return "inconclusive", f"{what} {gain:.4g} < min_effect {min_effect:g}, {ci} reaches past it"
+    return "inconclusive", f"{what} {gain:.4g}, {ci} holds 0"
+
+
+_EFFECT_RULE = (
+    "reproduced if the {level:.0%} interval of the gain excludes 0 in the claimed direction "
+    "and the gain is >= min_effect {min_effect:g}; not reproduced if the interval lies entirely in "
+    "the opposite direction{equiv}; else inconclusive"
+)
+
+
+def _effect_text(level: float, min_effect: float) -> str:
+    equiv = f", or entirely inside +-{min_effect:g} (no effect worth the claim)" if min_effect else ""
+    return _EFFECT_RULE.format(level=level, min_effect=min_effect, equiv=equiv)
+
+
 @dataclass(frozen=True)
 class Better(Rule):
-    """Side A beats side B.
+    """Side A beats side B by at least ``min_effect`` (the smallest effect the claim cares about).
 
-    ``gain = mean_B - mean_A`` (``lower_is_better``) or ``mean_A - mean_B``; ``margin =
-    max(k * pooled_sd, min_effect)``. Reproduced if ``gain > margin``; not reproduced if
-    ``gain < -margin`` (B beats A by the same margin); otherwise inconclusive. Needs 2 seeds a side.
+    ``gain = mean_B - mean_A`` (``lower_is_better``) or ``mean_A - mean_B``, with its ``level``
+    confidence interval ``[lo, hi]``: Welch's t interval of the difference of means
+    (Welch-Satterthwaite degrees of freedom), or with ``paired`` the paired t interval of the
+    per-seed differences over the seeds finished on both sides (``n - 1`` degrees of freedom).
+
+    - reproduced: ``lo > 0`` (the interval excludes 0 in the claimed direction) and
+      ``gain >= min_effect`` (the estimated effect is one the claim cares about);
+    - not reproduced: ``hi < 0`` (the interval lies entirely in the opposite direction), or,
+      with ``min_effect > 0``, ``-min_effect < lo`` and ``hi < min_effect`` (equivalence: the
+      whole interval is inside ``+-min_effect``; a null result is a result);
+    - otherwise inconclusive (also with fewer than 2 seeds on a side).
+
+    A side without spread gives a point interval. ``k`` is deprecated and ignored (see
+    :class:`Rule`).
     """
 
     lower_is_better: bool
-    k: float = 2.0
+    k: float | None = None
     min_effect: float = 0.0
+    level: float = DEFAULT_LEVEL
+    paired: bool = False
     kind: ClassVar[str] = "better"
+
+    def __post_init__(self) -> None:
+        self._check()
+        if not (math.isfinite(self.min_effect) and self.min_effect >= 0):
+            raise ValueError(f"Better: min_effect must be a finite number >= 0, got {self.min_effect!r}")
 
     def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
         if b is None:
@@ -218,45 +305,46 @@ class Better(Rule):
         early = _too_few(a, b)
         if early is not None:
             return early
-        gain = (b.mean - a.mean) if self.lower_is_better else (a.mean - b.mean)
-        spread = pooled_sd(a, b)
-        margin = max(self.k * spread, self.min_effect)
-        numbers = {"gain": gain, "pooled_sd": spread, "margin": margin}
-        if gain > margin:
-            return Outcome("reproduced", f"gain {gain:.4g} > margin {margin:.3g}", numbers)
-        if gain < -margin:
-            return Outcome("not reproduced", f"gain {gain:.4g} < -margin {-margin:.3g}", numbers)
-        return Outcome("inconclusive", f"|gain| {abs(gain):.4g} <= margin {margin:.3g}", numbers)
+        diff, lo, hi = _interval(a, b, paired=self.paired, level=self.level)
+        gain, lo, hi = (-diff, -hi, -lo) if self.lower_is_better else (diff, lo, hi)
+        verdict, why = _effect_verdict(gain, lo, hi, self.min_effect, self.level, "gain")
+        numbers = {"gain": gain, "low": lo, "high": hi, "level": self.level, "min_effect": self.min_effect,
+                   "pooled_sd": pooled_sd(a, b)}  # fmt: skip
+        return Outcome(verdict, why, numbers)
 
     def describe(self, metric: str, label_a: str, label_b: str | None) -> str:
         sign = "lower" if self.lower_is_better else "higher"
-        floor = f" and > {self.min_effect:g}" if self.min_effect else ""
+        how = "paired t interval over the seeds of both sides" if self.paired else "Welch t interval"
         return (
-            f"reproduced if {label_a} has a {sign} mean {metric} than {label_b} by more than "
-            f"{self.k:g} x pooled sd{floor}; not reproduced if {label_b} is {sign} by that margin; "
-            "else inconclusive"
+            f"gain = how much {sign} {label_a}'s mean {metric} is than {label_b}'s ({how}); "
+            + _effect_text(self.level, self.min_effect)
         )
 
 
 @dataclass(frozen=True)
 class Similar(Rule):
-    """Side A is on par with side B.
+    """Side A is on par with side B, within ``tol`` (TOST-like equivalence).
 
-    ``diff = |mean_A - mean_B|``, ``tol_abs = tol * |mean_B|`` (``relative``) or ``tol``.
-    Reproduced if ``diff + k * pooled_sd <= tol_abs``; not reproduced if ``diff - k * pooled_sd
-    > tol_abs``; otherwise inconclusive.
+    ``diff = mean_A - mean_B`` with its ``level`` interval ``[lo, hi]`` (Welch's, or with
+    ``paired`` the paired t interval of the per-seed differences, for claims that two procedures
+    give the same run from the same seed, where the seed-to-seed spread is not the question);
+    ``tol_abs = tol * |mean_B|`` (``relative``) or ``tol``.
 
-    ``paired``: the two sides are compared seed by seed (the report passes the values of the
-    seeds finished on both sides, in seed order): ``diff = |mean_s (A_s - B_s)|`` and the
-    spread is the sd of the per-seed differences, for claims that two procedures give the
-    same run from the same seed, where the seed-to-seed spread is not the question.
+    - reproduced: ``-tol_abs <= lo`` and ``hi <= tol_abs`` (the whole interval is inside the
+      tolerance: two one-sided tests, each at ``(1 - level) / 2``, hence conservative);
+    - not reproduced: ``lo > tol_abs`` or ``hi < -tol_abs`` (the whole interval is outside);
+    - otherwise inconclusive (also with fewer than 2 seeds on a side).
     """
 
     tol: float
     relative: bool = True
-    k: float = 2.0
+    k: float | None = None
     paired: bool = False
+    level: float = DEFAULT_LEVEL
     kind: ClassVar[str] = "similar"
+
+    def __post_init__(self) -> None:
+        self._check()
 
     def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
         if b is None:
@@ -265,35 +353,26 @@ class Similar(Rule):
         if early is not None:
             return early
         tol = self.tol * abs(b.mean) if self.relative else self.tol
-        if self.paired:
-            if a.n != b.n:
-                raise ValueError(f"Similar(paired=True): {a.n} values on side A, {b.n} on side B")
-            diffs = Stats(tuple(x - y for x, y in zip(a.values, b.values, strict=True)))
-            diff, spread = abs(diffs.mean), diffs.sd
-        else:
-            diff, spread = abs(a.mean - b.mean), pooled_sd(a, b)
-        numbers = {"abs_diff": diff, "tolerance": tol, "pooled_sd": spread}
-        if diff + self.k * spread <= tol:
-            return Outcome("reproduced", f"|diff| {diff:.4g} + {self.k:g} sd <= tolerance {tol:.3g}", numbers)
-        if diff - self.k * spread > tol:
-            return Outcome(
-                "not reproduced", f"|diff| {diff:.4g} - {self.k:g} sd > tolerance {tol:.3g}", numbers
-            )
-        return Outcome(
-            "inconclusive", f"|diff| {diff:.4g} within {self.k:g} sd of tolerance {tol:.3g}", numbers
-        )
+        diff, lo, hi = _interval(a, b, paired=self.paired, level=self.level)
+        numbers = {"diff": diff, "abs_diff": abs(diff), "low": lo, "high": hi, "tolerance": tol,
+                   "level": self.level, "pooled_sd": pooled_sd(a, b)}  # fmt: skip
+        ci = _ci(lo, hi, self.level)
+        if -tol <= lo and hi <= tol:
+            return Outcome("reproduced", f"diff {diff:.4g}, {ci} inside +-{tol:.3g}", numbers)
+        if lo > tol or hi < -tol:
+            return Outcome("not reproduced", f"diff {diff:.4g}, {ci} entirely outside +-{tol:.3g}", numbers)
+        return Outcome("inconclusive", f"diff {diff:.4g}, {ci} crosses +-{tol:.3g}", numbers)
 
     def describe(self, metric: str, label_a: str, label_b: str | None) -> str:
         tol = f"{self.tol:.0%} of {label_b}'s mean" if self.relative else f"{self.tol:g}"
-        if self.paired:
-            return (
-                f"reproduced if |mean per-seed difference of {metric}, {label_a} - {label_b}| + "
-                f"{self.k:g} x its sd <= {tol}; not reproduced if |mean difference| - {self.k:g} x sd "
-                f"> {tol}; else inconclusive"
-            )
+        what = (
+            f"the mean per-seed difference of {metric}, {label_a} - {label_b} (paired t interval)"
+            if self.paired
+            else f"the difference of mean {metric}, {label_a} - {label_b} (Welch t interval)"
+        )
         return (
-            f"reproduced if |mean {metric} of {label_a} - {label_b}| + {self.k:g} x pooled sd <= {tol}; "
-            f"not reproduced if |difference| - {self.k:g} x pooled sd > {tol}; else inconclusive"
+            f"reproduced if the {self.level:.0%} interval of {what} lies inside +-{tol}; "
+            "not reproduced if it lies entirely outside; else inconclusive"
         )
 
 
@@ -301,40 +380,130 @@ class Similar(Rule):
 class Exceeds(Rule):
     """Side A's metric is above (``above``) or below a fixed value.
 
-    Reproduced if ``mean - k * sd > value`` (above) or ``mean + k * sd < value`` (below); not
-    reproduced if the whole band ``mean +- k * sd`` is on the other side; otherwise inconclusive.
+    The one-sample t interval ``mean +- t_{(1+level)/2, n-1} sd / sqrt(n)``: reproduced if it
+    lies entirely on the claimed side of ``value``, not reproduced if entirely on the other,
+    otherwise inconclusive (also with fewer than 2 seeds).
     """
 
     value: float
     above: bool = True
-    k: float = 2.0
+    k: float | None = None
+    level: float = DEFAULT_LEVEL
     kind: ClassVar[str] = "exceeds"
+
+    def __post_init__(self) -> None:
+        self._check()
 
     def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
         early = _too_few(a, None)
         if early is not None:
             return early
-        lo, hi = a.mean - self.k * a.sd, a.mean + self.k * a.sd
-        numbers = {"low": lo, "high": hi, "value": self.value}
+        got = t_interval(a.values, level=self.level)
+        assert got is not None
+        mean, lo, hi = got
+        numbers = {"mean": mean, "low": lo, "high": hi, "value": self.value, "level": self.level}
         yes, no = (lo > self.value, hi < self.value) if self.above else (hi < self.value, lo > self.value)
+        ci = _ci(lo, hi, self.level)
         if yes:
-            return Outcome("reproduced", f"band [{lo:.4g}, {hi:.4g}] clears {self.value:g}", numbers)
+            return Outcome("reproduced", f"mean {mean:.4g}, {ci} clears {self.value:g}", numbers)
         if no:
-            return Outcome("not reproduced", f"band [{lo:.4g}, {hi:.4g}] misses {self.value:g}", numbers)
-        return Outcome("inconclusive", f"band [{lo:.4g}, {hi:.4g}] contains {self.value:g}", numbers)
+            return Outcome("not reproduced", f"mean {mean:.4g}, {ci} misses {self.value:g}", numbers)
+        return Outcome("inconclusive", f"mean {mean:.4g}, {ci} contains {self.value:g}", numbers)
 
     def describe(self, metric: str, label_a: str, label_b: str | None) -> str:
-        side = ">" if self.above else "<"
+        side = "above" if self.above else "below"
         return (
-            f"reproduced if mean {metric} of {label_a} {side} {self.value:g} by more than {self.k:g} sd; "
-            "not reproduced if it is on the other side by that much; else inconclusive"
+            f"reproduced if the {self.level:.0%} t interval of {label_a}'s mean {metric} lies entirely "
+            f"{side} {self.value:g}; not reproduced if entirely on the other side; else inconclusive"
         )
 
 
-RULES: dict[str, type[Rule]] = {"better": Better, "similar": Similar, "exceeds": Exceeds}
+@dataclass(frozen=True)
+class Rate(Rule):
+    """A stability claim: the rate of an event over seeds (a run diverged, left a plateau).
+
+    A seed has the event when its metric is above ``threshold`` (``above``) or below it; with
+    the default ``threshold = 0.5`` a 0/1 metric such as ``diverged`` is its own event. The
+    claim is that side A's event rate is lower (``lower``) or higher:
+
+    - than a fixed ``rate`` (no side B): Wilson's score interval of A's rate; reproduced if it
+      lies entirely on the claimed side of ``rate``, not reproduced if entirely on the other;
+    - than side B's rate (``rate`` is ``None``): Newcombe's hybrid score interval of the
+      difference of the two rates, with the outcomes of :class:`Better` (``gain`` = the rate
+      difference in the claimed direction, ``min_effect`` the smallest one that matters).
+
+    Otherwise inconclusive (also with no seed on a side). One seed suffices for an interval.
+    """
+
+    threshold: float = 0.5
+    above: bool = True
+    lower: bool = True
+    rate: float | None = None
+    min_effect: float = 0.0
+    level: float = DEFAULT_LEVEL
+    kind: ClassVar[str] = "rate"
+
+    def __post_init__(self) -> None:
+        self._check()
+        if self.rate is not None and not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"Rate: rate must be in [0, 1], got {self.rate!r}")
+        if not 0.0 <= self.min_effect < 1.0:
+            raise ValueError(f"Rate: min_effect must be in [0, 1), got {self.min_effect!r}")
+
+    def events(self, s: Stats) -> int:
+        return sum(1 for v in s.values if (v > self.threshold if self.above else v < self.threshold))
+
+    def evaluate(self, a: Stats, b: Stats | None) -> Outcome:
+        if (self.rate is None) != (b is not None):
+            raise ValueError("Rate: compare side A with a rate, or with side B, not both")
+        early = _too_few(a, b, need=1)
+        if early is not None:
+            return early
+        ka = self.events(a)
+        if b is None:
+            assert self.rate is not None
+            got = wilson_interval(ka, a.n, level=self.level)
+            assert got is not None
+            p, lo, hi = got
+            numbers = {"rate": p, "events": ka, "n": a.n, "low": lo, "high": hi, "value": self.rate,
+                       "level": self.level}  # fmt: skip
+            yes, no = (hi < self.rate, lo > self.rate) if self.lower else (lo > self.rate, hi < self.rate)
+            ci, head = _ci(lo, hi, self.level), f"rate {ka}/{a.n} = {p:.3g}"
+            if yes:
+                return Outcome("reproduced", f"{head}, {ci} clears {self.rate:g}", numbers)
+            if no:
+                return Outcome("not reproduced", f"{head}, {ci} misses {self.rate:g}", numbers)
+            return Outcome("inconclusive", f"{head}, {ci} contains {self.rate:g}", numbers)
+        kb = self.events(b)
+        got = newcombe_interval(ka, a.n, kb, b.n, level=self.level)
+        assert got is not None
+        d, lo, hi = got
+        gain, lo, hi = (-d, -hi, -lo) if self.lower else (d, lo, hi)
+        verdict, why = _effect_verdict(gain, lo, hi, self.min_effect, self.level, "rate difference")
+        numbers = {"gain": gain, "low": lo, "high": hi, "events_a": ka, "n_a": a.n, "events_b": kb,
+                   "n_b": b.n, "level": self.level, "min_effect": self.min_effect}  # fmt: skip
+        return Outcome(verdict, f"{ka}/{a.n} vs {kb}/{b.n}: {why}", numbers)
+
+    def describe(self, metric: str, label_a: str, label_b: str | None) -> str:
+        event = f"{metric} {'>' if self.above else '<'} {self.threshold:g}"
+        sign = "lower" if self.lower else "higher"
+        if self.rate is not None:
+            return (
+                f"event: {event}; reproduced if the {self.level:.0%} Wilson interval of {label_a}'s "
+                f"event rate lies entirely {sign} than {self.rate:g}; not reproduced if entirely on "
+                "the other side; else inconclusive"
+            )
+        return (
+            f"event: {event}; gain = how much {sign} {label_a}'s event rate is than {label_b}'s "
+            "(Newcombe interval of the difference); " + _effect_text(self.level, self.min_effect)
+        )
+
+
+RULES: dict[str, type[Rule]] = {"better": Better, "similar": Similar, "exceeds": Exceeds, "rate": Rate}
 
 
 def rule_from_dict(d: Mapping[str, Any]) -> Rule:
+    """The rule of a plan's claim (``to_dict``'s output; an older plan's ``k`` is accepted)."""
     kind = d.get("kind")
     if kind not in RULES:
         raise ValueError(f"rule: kind must be one of {sorted(RULES)}, got {kind!r}")

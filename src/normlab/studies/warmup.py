@@ -183,7 +183,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side(f"Post-LN warm-up {WARMUP_LONG}", "post", LR_HIGH, WARMUP_LONG),
         b=_side("Post-LN no warm-up", "post", LR_HIGH, 0),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="post-short-warmup-needs-low-lr",
@@ -194,7 +194,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side(f"Post-LN warm-up {WARMUP_SHORT} lr {LR_LOW:g}", "post", LR_LOW, WARMUP_SHORT),
         b=_side(f"Post-LN warm-up {WARMUP_SHORT} lr {LR_HIGH:g}", "post", LR_HIGH, WARMUP_SHORT),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="pre-no-warmup-on-par",
@@ -205,7 +205,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN no warm-up", "pre", LR_HIGH, 0),
         b=_side(f"Pre-LN warm-up {WARMUP_LONG}", "pre", LR_HIGH, WARMUP_LONG),
-        rule=Similar(tol=0.02, relative=True, k=2.0),
+        rule=Similar(tol=0.02, relative=True),
     ),
     Claim(
         id="pre-beats-post-no-warmup",
@@ -215,7 +215,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN no warm-up", "pre", LR_HIGH, 0),
         b=_side("Post-LN no warm-up", "post", LR_HIGH, 0),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="post-large-last-grad-at-init",
@@ -227,7 +227,7 @@ CLAIMS = (
         metric="last_fc2_grad_at_init",
         a=_side("Post-LN", "post", LR_HIGH, 0),
         b=_side("Pre-LN", "pre", LR_HIGH, 0),
-        rule=Better(lower_is_better=False, k=2.0),
+        rule=Better(lower_is_better=False),
     ),
 )
 
