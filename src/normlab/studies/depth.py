@@ -131,7 +131,7 @@ def _lm(options: StudyOptions, n_layer: int) -> Any:
         placement, norm = ARCHS[arch]
         steps = options.steps(STEPS)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt={"n_layer": n_layer, "n_embd": 64, "n_head": 4, "placement": placement, "norm": norm},

@@ -123,7 +123,7 @@ def _make(options: StudyOptions) -> Any:
         gpt.update(VARIANTS[variant])
         probes = ("residual", "dyt_alpha") if gpt["norm"] == "dyt" else ("residual",)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt=gpt,

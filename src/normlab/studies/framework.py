@@ -22,8 +22,11 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from normlab.data.text import CORPORA
+from normlab.data.user import check_text_file
 from normlab.registry import Registry
 from normlab.studies.overrides import apply_to_specs
 from normlab.studies.stats import (
@@ -43,21 +46,34 @@ Records = list[dict[str, Any]]
 # The grid
 
 
+SIZES = ("tiny", "small", "base")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StudyOptions:
     """Command-line choices a grid may read.
 
     Attributes:
-        seeds: seeds per cell (``None``: the study's default).
+        seeds: seeds per cell to start with (``None``: the study's default).
+        max_seeds: the cap of sequential seeding (``None``: the study's, by default ``seeds``,
+            i.e. a fixed number of seeds): the runner adds one seed at a time to the cells of
+            claims still inconclusive until every claim is conclusive or the cells hold
+            ``max_seeds`` seeds (see :mod:`normlab.studies.runner`). At least 2.
         scale: multiplies every run's step count (``steps(n)``); 1 is the study as designed.
-        corpus: the text corpus of language-model runs (``"shakespeare"`` or ``"bible"``).
+        size: ``"tiny"``, ``"small"`` or ``"base"``: a scale the study defines
+            (:attr:`Study.sizes`; ``None``: the study as designed); multiplies ``scale``.
+        corpus: the text corpus of language-model runs: a built-in name (``"shakespeare"``,
+            ``"bible"``) or the path of a UTF-8 text file (checked here: it must exist, hold
+            text and no NUL byte).
         images: the image data set (``"auto"``, ``"fashion-mnist"``, ``"mnist5k"``).
         sets: ``--set`` overrides, ``(key, value)`` pairs (:mod:`normlab.studies.overrides`),
             applied to every run of a registered study; a study file applies them to its text.
     """
 
     seeds: int | None = None
+    max_seeds: int | None = None
     scale: float = 1.0
+    size: str | None = None
     corpus: str = "shakespeare"
     images: str = "auto"
     sets: tuple[tuple[str, Any], ...] = ()
@@ -65,8 +81,23 @@ class StudyOptions:
     def __post_init__(self) -> None:
         if self.seeds is not None and (isinstance(self.seeds, bool) or self.seeds < 1):
             raise ValueError(f"StudyOptions: seeds must be >= 1, got {self.seeds!r}")
+        if self.max_seeds is not None and (
+            isinstance(self.max_seeds, bool) or not isinstance(self.max_seeds, int) or self.max_seeds < 2
+        ):
+            raise ValueError(
+                f"StudyOptions: max_seeds must be an int >= 2 (a verdict needs 2 seeds a side), "
+                f"got {self.max_seeds!r}"
+            )
+        if self.seeds is not None and self.max_seeds is not None and self.max_seeds < self.seeds:
+            raise ValueError(
+                f"StudyOptions: max_seeds {self.max_seeds} is below the {self.seeds} seeds to start with"
+            )
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"StudyOptions: scale must be a finite number > 0, got {self.scale!r}")
+        if self.size is not None and self.size not in SIZES:
+            raise ValueError(f"StudyOptions: size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.corpus not in CORPORA:
+            check_text_file(self.corpus, owner="corpus")
 
     @property
     def seed_list(self) -> list[int]:
@@ -75,6 +106,13 @@ class StudyOptions:
     def steps(self, n: int) -> int:
         """``n`` steps scaled by ``scale`` (at least 1)."""
         return max(1, round(n * self.scale))
+
+    def corpus_fields(self) -> dict[str, Any]:
+        """The fields of an :class:`~normlab.train.config.LMTask` for ``corpus``: ``{"corpus":
+        NAME}`` for a built-in corpus, ``{"data": {"kind": "text", "path": ...}}`` for a file."""
+        if self.corpus in CORPORA:
+            return {"corpus": self.corpus}
+        return {"data": {"kind": "text", "path": str(Path(self.corpus).expanduser().resolve())}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -613,7 +651,11 @@ class Study:
         claims: the claims and their rules.
         plots: figures beyond the default training-loss curves of every group.
         metrics: extra run metrics, ``name -> fn(records, summary)``.
-        default_seeds: seeds per cell when ``--seeds`` is not given.
+        default_seeds: seeds per cell to start with when ``--seeds`` is not given.
+        max_seeds: the cap of sequential seeding when ``--max-seeds`` is not given (``None``:
+            the start seeds, a fixed number); at least 2.
+        sizes: the scales ``--size`` names (``{"tiny": 0.01, "small": 1.0}``); a size a study
+            does not define is an error naming those it does.
         budget: the expected wall time, said in ``normlab study list``.
         rank: rank the cells by a metric in the report: ``{"metric": ..., "lower_is_better":
             ...}`` (user studies; ``None``: no ranking).
@@ -629,15 +671,45 @@ class Study:
     plots: tuple[PlotSpec, ...] = ()
     metrics: Mapping[str, MetricFn] = field(default_factory=dict)
     default_seeds: int = 2
+    max_seeds: int | None = None
+    sizes: Mapping[str, float] = field(default_factory=lambda: {"small": 1.0})
     budget: str = ""
     rank: Mapping[str, Any] | None = None
     source: Mapping[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_seeds is not None and self.max_seeds < max(2, self.default_seeds):
+            raise ValueError(
+                f"study {self.name!r}: max_seeds must be >= 2 and >= default_seeds "
+                f"{self.default_seeds}, got {self.max_seeds!r}"
+            )
+        unknown = sorted(set(self.sizes) - set(SIZES))
+        if unknown or not all(math.isfinite(v) and v > 0 for v in self.sizes.values()):
+            raise ValueError(f"study {self.name!r}: sizes are {SIZES}, scales > 0; got {dict(self.sizes)}")
+
+    def resolve(self, options: StudyOptions) -> StudyOptions:
+        """``options`` with ``seeds`` (the start) and ``max_seeds`` (the cap; ``None`` when it is the
+        start: a fixed number of seeds) filled in from the study's defaults; a cap below the start,
+        or a size the study does not define, is an error."""
+        seeds = options.seeds if options.seeds is not None else self.default_seeds
+        cap = options.max_seeds if options.max_seeds is not None else (self.max_seeds or seeds)
+        cap = max(cap, seeds) if options.max_seeds is None else cap
+        if cap < seeds:
+            raise ValueError(f"study {self.name!r}: max_seeds {cap} is below the {seeds} seeds to start with")
+        if options.size is not None and options.size not in self.sizes:
+            raise ValueError(
+                f"study {self.name!r} has no size {options.size!r}: it defines "
+                f"{', '.join(sorted(self.sizes, key=SIZES.index))}"
+            )
+        return dataclasses.replace(options, seeds=seeds, max_seeds=cap if cap > seeds else None)
+
     def specs(self, options: StudyOptions) -> list[RunSpec]:
-        """The grid with seeds resolved and ``options.sets`` applied (a TOML study applied them
-        to its text already); keys are checked to be unique."""
-        if options.seeds is None:
-            options = dataclasses.replace(options, seeds=self.default_seeds)
+        """The grid with seeds resolved (``options.seeds`` of them per cell; the runner asks for
+        ``max_seeds``), ``size`` applied to ``scale``, and ``options.sets`` applied (a TOML study
+        applied them to its text already); keys are checked to be unique."""
+        options = self.resolve(options)
+        if options.size is not None:
+            options = dataclasses.replace(options, scale=options.scale * self.sizes[options.size])
         specs = self.grid(options)
         if options.sets and not (self.source and self.source.get("format") == "toml"):
             specs = apply_to_specs(specs, options.sets, study=self.name)

@@ -42,7 +42,7 @@ def _lm(options: StudyOptions) -> Any:
     def make(*, seed: int, placement: str, warmup: int) -> RunConfig:
         steps = options.steps(LM_STEPS)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt={"n_layer": N_LAYER, "n_embd": 64, "n_head": 4, "placement": placement, "norm": "layernorm"},

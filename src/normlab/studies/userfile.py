@@ -6,7 +6,8 @@ Python file defines (``STUDY = Study(...)`` or ``STUDY = study_from_dict({...})`
 
     name = "my-norms"            # the study's name (letters, digits, - and _)
     title = "Which norm for my text?"
-    seeds = 2                    # seeds per cell
+    seeds = 2                    # seeds per cell to start with
+    max_seeds = 6                # optional: add seeds to inconclusive claims' cells, up to 6
     metric = "val_loss"          # what the report ranks the cells by (default: val_loss / test_acc)
 
     [data]                       # exactly one source:
@@ -96,6 +97,7 @@ TOP_KEYS = (
     "title",
     "question",
     "seeds",
+    "max_seeds",
     "budget",
     "metric",
     "data",
@@ -152,6 +154,7 @@ class _Compiler:
     # ---- the parts of the file -----------------------------------------------------------
 
     def header(self) -> tuple[str, str, str, int]:
+        """``(name, title, question, seeds)``; ``max_seeds`` is checked here, read by the caller."""
         unknown = sorted(set(self.doc) - set(TOP_KEYS))
         if unknown:
             raise self.fail(f"{unknown[0]!r}", f"unknown key; the keys are {list(TOP_KEYS)}")
@@ -163,6 +166,12 @@ class _Compiler:
         seeds = self.doc.get("seeds", 2)
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise self.fail("seeds", f"must be a positive int, got {seeds!r}")
+        cap = self.doc.get("max_seeds")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < max(2, seeds)):
+            raise self.fail(
+                "max_seeds",
+                f"must be an int >= 2 and >= seeds = {seeds} (the cap of sequential seeding), got {cap!r}",
+            )
         title = self.doc.get("title", name)
         question = self.doc.get("question", "")
         for key, value in (("title", title), ("question", question), ("budget", self.doc.get("budget", ""))):
@@ -531,6 +540,7 @@ def study_from_dict(
         grid=build_grid,
         claims=claims,
         default_seeds=seeds,
+        max_seeds=doc.get("max_seeds"),
         budget=str(doc.get("budget", "")),
         rank={"metric": metric, "lower_is_better": rank_lower, "group": GROUP},
         source=dict(source) if source is not None else None,
