@@ -376,3 +376,34 @@ def test_cli_seeds_cap_and_size_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["study", "quick", "--size", "base", "--out", str(out)]) == 2
     assert "study 'quick' has no size 'base': it defines" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_size_names_a_scale_the_study_defines(capsys: pytest.CaptureFixture[str]) -> None:
+    quick = get_study("quick")
+    tiny = quick.specs(StudyOptions(seeds=1, size="tiny"))
+    assert [s.config for s in tiny] == [s.config for s in quick.specs(StudyOptions(seeds=1, scale=0.1))]
+    both = quick.specs(StudyOptions(seeds=1, size="tiny", scale=0.5))  # size and scale multiply
+    assert [s.config for s in both] == [s.config for s in quick.specs(StudyOptions(seeds=1, scale=0.05))]
+    with pytest.raises(ValueError, match="study 'dyt' has no size 'tiny': it defines small"):
+        get_study("dyt").specs(StudyOptions(size="tiny"))
+    assert main(["study", "list"]) == 0
+    assert "--size: tiny (scale 0.1), small (scale 1)" in capsys.readouterr().out
+
+
+def test_a_plan_with_the_former_k_rule_is_reported_with_the_interval_rule(
+    tmp_path: Path, fake_runs: list[str]
+) -> None:
+    from normlab.studies import collect
+
+    study = _study((_claim("pre-post", "pre", "post"),), ["pre", "post"])
+    out = tmp_path / "s"
+    run_study(study, out, options=StudyOptions(seeds=3), **QUIET)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["claims"][0]["rule"] = {"kind": "better", "lower_is_better": True, "k": 2.0, "min_effect": 0.0}
+    plan["claims"][0]["rule_text"] = "by more than 2 x pooled sd"
+    del plan["sequential"]  # an older plan has no stopping rule
+    (out / "plan.json").write_text(json.dumps(plan))
+    claim = collect(out)["claims"][0]
+    assert claim["verdict"] == "reproduced" and claim["n"] == [3, 3]
+    assert "used the deprecated k x sd margin; evaluated with the interval rule" in claim["rule"]
+    assert "'by more than 2 x pooled sd'" in claim["rule"]

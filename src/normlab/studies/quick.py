@@ -192,6 +192,7 @@ STUDY = register_study(
         ),
         metrics={"resid_var_growth": resid_var_growth},
         default_seeds=2,
+        sizes={"tiny": 0.1, "small": 1.0},  # tiny: the scale of its tests
         budget="about 2 min on 2 shared cores with --jobs 2",
     )
 )
