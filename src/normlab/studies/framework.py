@@ -11,6 +11,16 @@ built with :func:`grid`. Each :class:`Claim` compares a metric between two sides
 (or one side with a threshold) under a :class:`Rule` whose three outcomes (reproduced / not
 reproduced / inconclusive) are decided by numbers only; the rules are written into the study's
 ``plan.json`` before the first run starts, and the report evaluates those stored rules.
+
+The rules decide with confidence intervals at a stated ``level`` (default 95%;
+:mod:`normlab.studies.stats`): :class:`Better` and :class:`Similar` with Welch's t interval of
+the difference of means (or, ``paired``, the paired t interval over the seeds finished on both
+sides), :class:`Exceeds` with the one-sample t interval, :class:`Rate` with Wilson's interval of
+a rate of seeds with an event or Newcombe's interval of a difference of two rates. A claim
+states the smallest effect it cares about (``min_effect``, ``tol``), and an interval wholly
+inside it is a result too: "not reproduced". With 2 seeds a side the t quantile is large
+(12.7 at one degree of freedom), which is what sequential seeding (``max_seeds``, see
+:mod:`normlab.studies.runner`) is for.
 """
 
 from __future__ import annotations

@@ -2,9 +2,20 @@
 
 Layout of a study directory::
 
-    plan.json                  # the grid, the claims and their rules: written before any run
+    plan.json                  # the grid, the claims, their rules and the stopping rule: written
+                               # before any run
+    seeds.json                 # the seeds each cell has reached (sequential seeding)
     runs/<cell>-s<seed>/       # one run directory each (see normlab.train.rundir)
     report.md, results.json, plots/*.png
+
+Sequential seeding: every cell starts with ``seeds`` seeds (the study's ``default_seeds`` or
+``--seeds``); when the cap ``max_seeds`` (``Study.max_seeds``, ``max_seeds = N`` in a study
+file, ``--max-seeds N``) is above it, the runner evaluates the claims after each round and
+gives one more seed to every cell of each claim still inconclusive, until every claim is
+conclusive or those cells hold ``max_seeds`` seeds. The plan lists every run up to the cap and
+states this stopping rule (with each claim's level and smallest effect) before the first run;
+runs never scheduled are reported as "not needed". ``--resume`` reads ``seeds.json`` and goes on
+from the last round, reusing every finished run.
 
 A run is finished when its ``result.json`` exists (written last, atomically). ``--resume``
 skips finished runs and continues unfinished ones from their last checkpoint, so a study
