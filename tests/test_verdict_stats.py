@@ -407,3 +407,10 @@ def test_a_plan_with_the_former_k_rule_is_reported_with_the_interval_rule(
     assert claim["verdict"] == "reproduced" and claim["n"] == [3, 3]
     assert "used the deprecated k x sd margin; evaluated with the interval rule" in claim["rule"]
     assert "'by more than 2 x pooled sd'" in claim["rule"]
+
+
+def test_the_cli_names_the_sizes_of_the_framework() -> None:
+    from normlab.cli import study as cli_study
+    from normlab.studies.framework import SIZES
+
+    assert cli_study.SIZES == SIZES

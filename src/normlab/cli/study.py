@@ -18,6 +18,9 @@ continues with --resume, redoing only the unfinished runs (from their last check
 """
 
 
+SIZES = ("tiny", "small", "base")  # normlab.studies.framework.SIZES, without importing the studies
+
+
 def _is_file(name: str) -> bool:
     return name.endswith((".toml", ".py")) or "/" in name or Path(name).is_file()
 
@@ -155,7 +158,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     from normlab.data import CORPORA, image_set_names
-    from normlab.studies.framework import SIZES
 
     p.add_argument("--seeds", type=int, help="seeds per cell to start with (default: the study's)")
     p.add_argument(
