@@ -249,6 +249,8 @@ def fake_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         study_dir = Path(directory).parents[1]
         plan = json.loads((study_dir / "plan.json").read_text())
         assert "sequential" in plan  # the stopping rule is on disk before any run
+        # and the round's schedule before its runs (a resume goes on with the same round)
+        assert spec.seed < json.loads((study_dir / "seeds.json").read_text())["cells"][spec.cell]
         value = VALUES[spec.params["placement"]][spec.seed]
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)

@@ -269,9 +269,11 @@ def run_study(
                 + (f" of {nproc} processes each (torchrun)" if nproc > 1 else "")
                 + (f"; then up to {cap} seeds a cell while a claim is inconclusive" if cap > start else "")
             )
+        # the round's schedule is on disk before its runs start: a resumed study goes on with
+        # this round, so an interruption cannot change which seeds the claims are decided on
+        write_json(study_dir / SCHEDULE_FILE, {"cells": schedule, "rounds": round_})
         train_round(todo)
         trained += len(todo)
-        write_json(study_dir / SCHEDULE_FILE, {"cells": schedule, "rounds": round_})
         if cap <= start or not study.claims:
             break
         open_claims = [
