@@ -290,6 +290,8 @@ def test_sequential_seeding_stops_when_every_claim_is_conclusive(
     assert levels == {"pre-post": 0.95, "post-peri": 0.95}
     assert len(plan["runs"]) == 15  # every run the cap allows is planned
     assert results["run_counts"] == {"finished": 8, "unfinished": 0, "failed": 0, "not needed": 7}
+    measured = results["claims"][0]["measured"]
+    assert "pre 1.05 ± 0.05 (n=3) vs post 1.25 ± 0.05 (n=3)" in measured  # "not needed" is not unfinished
     report = (out / "report.md").read_text()
     assert "- **pre-post**: gain = how much lower" in report
     assert "Here: n = 3 vs 3; gain 0.2, 95% CI" in report

@@ -196,7 +196,7 @@ def _ranking(
                 "cell": name,
                 "params": cell["params"],
                 "values": values,
-                "runs": len(cell["runs"]),
+                "runs": sum(1 for k in cell["runs"] if runs[k]["status"] != NOT_NEEDED),
                 "diverged": cell.get("diverged", 0),
             }
         )
@@ -307,7 +307,7 @@ def _side_stats(
     side: Mapping[str, Any], metric: str, runs: Mapping[str, Any], seeds: set[int] | None = None
 ) -> tuple[Stats, dict[str, Any]]:
     """The side's values of ``metric`` in seed order (only those of ``seeds``, if given)."""
-    chosen = _side_runs(side, runs)
+    chosen = [r for r in _side_runs(side, runs) if r["status"] != NOT_NEEDED]
     finished = [r for r in chosen if r["status"] == "finished"]
     values = tuple(
         r["metrics"][metric]
