@@ -26,6 +26,7 @@ inside it is a result too: "not reproduced". With 2 seeds a side the t quantile 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -57,6 +58,21 @@ Records = list[dict[str, Any]]
 
 
 SIZES = ("tiny", "small", "base")
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = Path(path).expanduser().stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _check_corpus_file(path: str, stamp: tuple[int, int] | None) -> None:
+    """:func:`~normlab.data.user.check_text_file` once per file version (``stamp``: its size and
+    modification time), not at every ``dataclasses.replace`` of the options."""
+    check_text_file(path, owner="corpus")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +123,7 @@ class StudyOptions:
         if self.size is not None and self.size not in SIZES:
             raise ValueError(f"StudyOptions: size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.corpus not in CORPORA:
-            check_text_file(self.corpus, owner="corpus")
+            _check_corpus_file(self.corpus, _stamp(self.corpus))
 
     @property
     def seed_list(self) -> list[int]:
