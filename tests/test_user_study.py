@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -475,6 +476,26 @@ def test_compare_ranks_plots_and_diagnoses(tmp_path: Path, text_file: Path, caps
     assert any(p.name.endswith("training_loss.png") for p in (tmp_path / "cmp" / "plots").iterdir())
 
 
+def test_study_file_seeds_cap_and_interval_rules(tmp_path: Path, text_file: Path) -> None:
+    from normlab.studies import Better, Rate
+
+    claims = (
+        CLAIM.format(a="rmsnorm", b="layernorm", rule="better = 0.01, level = 0.9, paired = true")
+        + "\n"
+        + CLAIM.replace('id = "x"', 'id = "y"').format(a="rmsnorm", b="layernorm", rule="rate_diff = 0.1")
+        + '\nmetric = "diverged"\n'
+    )
+    path = write_study(tmp_path / "s.toml", data='text = "corpus.txt"', extra="max_seeds = 5")
+    path.write_text(path.read_text() + claims)
+    study = load_study_file(path)
+    assert study.max_seeds == 5 and study.default_seeds == 2
+    assert study.claims[0].rule == Better(lower_is_better=True, min_effect=0.01, level=0.9, paired=True)
+    assert study.claims[1].rule == Rate(min_effect=0.1) and study.claims[1].metric == "diverged"
+    options = study.resolve(study_options(study))
+    assert (options.seeds, options.max_seeds) == (2, 5)
+    assert len(study.specs(options)) == 4 and len(study.specs(replace(options, seeds=5))) == 10
+
+
 # ---- bad input: one clear error, exit code 2, nothing written -----------------------------------
 
 
@@ -521,7 +542,23 @@ BAD = [
     (
         "claim rule unknown",
         {"claims": CLAIM.format(a="rmsnorm", b="layernorm", rule="faster = 1")},
-        "needs exactly one of better, similar, exceeds",
+        "needs exactly one of better, similar, exceeds, rate, rate_diff",
+    ),
+    ("seeds cap below 2", {"extra": "max_seeds = 1"}, "max_seeds: must be an int >= 2 and >= seeds = 2"),
+    (
+        "confidence level as a percentage",
+        {"claims": CLAIM.format(a="rmsnorm", b="layernorm", rule="better = 0.01, level = 95")},
+        "the confidence level must be in (0, 1)",
+    ),
+    (
+        "rate against a value with a side b",
+        {"claims": CLAIM.format(a="rmsnorm", b="layernorm", rule="rate = 0.2")},
+        "an exceeds or rate rule compares side a with a value: no side b",
+    ),
+    (
+        "rate difference beyond 1",
+        {"claims": CLAIM.format(a="rmsnorm", b="layernorm", rule="rate_diff = 1.5")},
+        "must be a rate in [0, 1]",
     ),
 ]
 

@@ -18,6 +18,9 @@ continues with --resume, redoing only the unfinished runs (from their last check
 """
 
 
+SIZES = ("tiny", "small", "base")  # normlab.studies.framework.SIZES, without importing the studies
+
+
 def _is_file(name: str) -> bool:
     return name.endswith((".toml", ".py")) or "/" in name or Path(name).is_file()
 
@@ -37,10 +40,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         rows = []
         for name in list_studies():
             study = get_study(name)
-            rows.append((name, len(study.claims), study.budget, study.title))
+            sizes = ", ".join(f"{k} (scale {v:g})" for k, v in study.sizes.items())
+            rows.append((name, len(study.claims), study.budget, study.title, sizes))
         width = max(len(r[0]) for r in rows)
-        for name, n_claims, budget, title in rows:
+        for name, n_claims, budget, title, sizes in rows:
             print(f"{name:<{width}}  {n_claims} claims  {budget or '-'}\n{'':<{width}}  {title}")
+            print(f"{'':<{width}}  --size: {sizes}")
         print(f"\n{len(rows)} studies. Run one with: normlab study NAME [--jobs N] [--resume]")
         return 0
     sets = tuple(parse_set(text) for text in args.set)
@@ -54,7 +59,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         study, preload = get_study(args.name), ()
     options = StudyOptions(
         seeds=args.seeds,
+        max_seeds=args.max_seeds,
         scale=args.scale,
+        size=args.size,
         corpus=args.corpus or "shakespeare",
         images=args.images or "auto",
         sets=sets,
@@ -150,12 +157,25 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
-    p.add_argument("--seeds", type=int, help="seeds per cell (default: the study's)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (default 1)")
     from normlab.data import CORPORA, image_set_names
 
+    p.add_argument("--seeds", type=int, help="seeds per cell to start with (default: the study's)")
     p.add_argument(
-        "--corpus", choices=CORPORA.names(), help="text corpus of a registered study (shakespeare)"
+        "--max-seeds",
+        type=int,
+        help="add seeds, one round at a time, to the cells of claims still inconclusive, up to N "
+        "per cell (N >= 2; default: the study's, usually --seeds: a fixed number)",
+    )
+    p.add_argument(
+        "--size",
+        help=f"a scale the study defines: {', '.join(SIZES)} (`normlab study list` shows each study's)",
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (default 1)")
+
+    p.add_argument(
+        "--corpus",
+        help=f"text corpus of a registered study: {', '.join(CORPORA.names())} (default shakespeare) "
+        "or the path of a UTF-8 text file",
     )
     p.add_argument(
         "--images",

@@ -42,6 +42,7 @@ __all__ = [
     "SOURCE_KINDS",
     "SOURCE_OPTIONS",
     "check_source",
+    "check_text_file",
     "load_user_images",
     "load_user_text",
     "source_fingerprint",
@@ -143,6 +144,21 @@ def _read_utf8(path: Path, *, owner: str) -> str:
             f"{owner}: {str(path)!r} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
             '(convert it with iconv, or use level = "byte" on a file that is text in another encoding)'
         ) from None
+
+
+def check_text_file(path: str | Path, *, owner: str) -> None:
+    """Refuse a text file that cannot be a corpus, naming it: one that does not exist, is not
+    a regular file, is empty (or only whitespace), holds a NUL byte or is not UTF-8."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ValueError(
+            f"{owner}: {str(path)!r} is neither a built-in corpus nor an existing file "
+            "(give a built-in name or the path of a UTF-8 text file)"
+        )
+    if not file.is_file():
+        raise ValueError(f"{owner}: {str(path)!r} is not a regular file (give a UTF-8 text file)")
+    if not _read_utf8(file, owner=owner).strip():
+        raise ValueError(f"{owner}: {str(path)!r} holds no text (empty or only whitespace)")
 
 
 def _text_corpus(text: str, *, name: str, level: str, val_fraction: float, owner: str) -> TextCorpus:

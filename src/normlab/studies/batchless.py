@@ -246,7 +246,7 @@ CLAIMS = (
         b=_side("Batchless 32", "batchless", BATCH),
         # paired: the claim is that the same seed gives the same run; the spread between seeds
         # (2 points here) is not the question, and an unpaired rule could never pass it
-        rule=Similar(tol=0.01, relative=False, k=2.0, paired=True),
+        rule=Similar(tol=0.01, relative=False, paired=True),
     ),
     Claim(
         id="batchless-grad-exact",
@@ -256,7 +256,7 @@ CLAIMS = (
         "instance at a time with gradient accumulation",
         metric="accum_grad_rel_err",
         a=_side("Batchless 32", "batchless", BATCH),
-        rule=Exceeds(value=1e-4, above=False, k=2.0),
+        rule=Exceeds(value=1e-4, above=False),
     ),
     Claim(
         id="batchnorm-grad-not-exact",
@@ -266,7 +266,7 @@ CLAIMS = (
         "Batchless removes",
         metric="accum_grad_rel_err",
         a=_side("BatchNorm 32", "batchnorm", BATCH),
-        rule=Exceeds(value=1e-2, above=True, k=2.0),
+        rule=Exceeds(value=1e-2, above=True),
     ),
     Claim(
         id="batchnorm-micro1-worse",
@@ -276,7 +276,7 @@ CLAIMS = (
         metric="test_acc",
         a=_side("BatchNorm 32", "batchnorm", BATCH),
         b=_side("BatchNorm 1x32", "batchnorm", 1),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.02),
+        rule=Better(lower_is_better=False, min_effect=0.02),
     ),
     Claim(
         id="batchless-beats-bn-micro1",
@@ -285,7 +285,7 @@ CLAIMS = (
         metric="test_acc",
         a=_side("Batchless 1x32", "batchless", 1),
         b=_side("BatchNorm 1x32", "batchnorm", 1),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=False, min_effect=0.01),
     ),
     Claim(
         id="micro1-less-memory",
@@ -295,7 +295,7 @@ CLAIMS = (
         metric="step_peak_mib",
         a=_side("Batchless 1x32", "batchless", 1),
         b=_side("Batchless 32", "batchless", BATCH),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.5),
+        rule=Better(lower_is_better=True, min_effect=0.5),
     ),
 )
 

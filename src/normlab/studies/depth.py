@@ -131,7 +131,7 @@ def _lm(options: StudyOptions, n_layer: int) -> Any:
         placement, norm = ARCHS[arch]
         steps = options.steps(STEPS)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt={"n_layer": n_layer, "n_embd": 64, "n_head": 4, "placement": placement, "norm": norm},
@@ -178,7 +178,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="lns-variance-deep",
@@ -189,7 +189,7 @@ CLAIMS = (
         metric="resid_var_growth",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0),
+        rule=Better(lower_is_better=True),
     ),
     Claim(
         id="lns-deep-blocks-matter",
@@ -200,7 +200,7 @@ CLAIMS = (
         metric="removal_deep_share",
         a=_side("Pre-LN+LNS L12", "lns"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.02),
+        rule=Better(lower_is_better=False, min_effect=0.02),
     ),
     Claim(
         id="deepnorm-beats-post-deep",
@@ -210,7 +210,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DeepNorm L12", "deepnorm"),
         b=_side("Post-LN L12", "post"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="b2t-beats-post-deep",
@@ -221,7 +221,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("B2T L12", "b2t"),
         b=_side("Post-LN L12", "post"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="mixln-vs-pre-deep",
@@ -231,7 +231,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Mix-LN L12", "mixln"),
         b=_side("Pre-LN L12", "pre"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
 )
 
@@ -281,6 +281,7 @@ STUDY = register_study(
             "loss_spikes": loss_spikes,
         },
         default_seeds=2,
+        sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
         budget="about 6 min on 2 idle cores with --jobs 2 (32 runs, ~12 CPU-min)",
     )
 )

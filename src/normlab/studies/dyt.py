@@ -123,7 +123,7 @@ def _make(options: StudyOptions) -> Any:
         gpt.update(VARIANTS[variant])
         probes = ("residual", "dyt_alpha") if gpt["norm"] == "dyt" else ("residual",)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt=gpt,
@@ -168,7 +168,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DyT", "dyt"),
         b=_side("LayerNorm", "layernorm"),
-        rule=Similar(tol=0.02, relative=True, k=2.0),
+        rule=Similar(tol=0.02, relative=True),
     ),
     Claim(
         id="dyt-vs-rmsnorm",
@@ -177,7 +177,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DyT", "dyt"),
         b=_side("RMSNorm", "rmsnorm"),
-        rule=Similar(tol=0.02, relative=True, k=2.0),
+        rule=Similar(tol=0.02, relative=True),
     ),
     Claim(
         id="tanh-needed",
@@ -187,7 +187,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DyT", "dyt"),
         b=_side("identity (no tanh)", "identity"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.05),
+        rule=Better(lower_is_better=True, min_effect=0.05),
     ),
     Claim(
         id="alpha-needed",
@@ -196,7 +196,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("DyT", "dyt"),
         b=_side("DyT, alpha frozen", "dyt-frozen"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="alpha-tracks-inv-std",
@@ -206,7 +206,7 @@ CLAIMS = (
         "and during training",
         metric="alpha_inv_std_r",
         a=_side("DyT", "dyt"),
-        rule=Exceeds(value=0.0, above=True, k=2.0),
+        rule=Exceeds(value=0.0, above=True),
     ),
 )
 

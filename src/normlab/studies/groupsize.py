@@ -179,7 +179,7 @@ CLAIMS = (
         metric="act_corr",
         a=_side("init", None),
         b=_side("init", 1),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=False, min_effect=0.01),
     ),
     Claim(
         id="corr-rises-with-size",
@@ -189,7 +189,7 @@ CLAIMS = (
         metric="act_corr",
         a=_side("init", 16),
         b=_side("init", 2),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=False, min_effect=0.01),
     ),
     Claim(
         id="grad-ratio-in-above-ln",
@@ -200,7 +200,7 @@ CLAIMS = (
         metric="grad_ratio",
         a=_side("init", 1),
         b=_side("init", None),
-        rule=Better(lower_is_better=False, k=2.0),
+        rule=Better(lower_is_better=False),
     ),
     Claim(
         id="mid-trains-faster-than-in",
@@ -211,7 +211,7 @@ CLAIMS = (
         metric="train_loss",
         a=_side("train", MID),
         b=_side("train", 1),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.02),
+        rule=Better(lower_is_better=True, min_effect=0.02),
     ),
     Claim(
         id="mid-trains-faster-than-ln",
@@ -222,7 +222,7 @@ CLAIMS = (
         metric="train_loss",
         a=_side("train", MID),
         b=_side("train", None),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.02),
+        rule=Better(lower_is_better=True, min_effect=0.02),
     ),
     Claim(
         id="mid-stabler-than-in-high-lr",
@@ -233,7 +233,7 @@ CLAIMS = (
         metric="test_acc",
         a=_side("highlr", MID),
         b=_side("highlr", 1),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.005),
+        rule=Better(lower_is_better=False, min_effect=0.005),
     ),
     Claim(
         id="corr-ln-above-in-trained",
@@ -242,7 +242,7 @@ CLAIMS = (
         metric="act_corr",
         a=_side("train", None),
         b=_side("train", 1),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=False, min_effect=0.01),
     ),
 )
 
@@ -293,6 +293,7 @@ STUDY = register_study(
         ),
         metrics={"act_corr": act_corr, "grad_ratio": grad_ratio},
         default_seeds=2,
+        sizes={"tiny": 0.01, "small": 1.0},  # tiny: the scale of its tests
         budget="about 4 min on 2 idle cores with --jobs 2 (30 runs)",
     )
 )

@@ -1,9 +1,11 @@
 """A study's plan file and run directories, read by the runner and the report alike.
 
 ``plan.json`` holds the grid (each run's config and its hash), the claims with their verdict
-rules, and the environment; it is written before the first run starts, so the rules cannot
-follow the results. ``runs/<cell>-s<seed>/`` is one run directory each (see
-:mod:`normlab.train.rundir`).
+rules, the stopping rule of sequential seeding (``sequential``: start seeds, cap, each claim's
+confidence and smallest effect) and the environment; it is written before the first run
+starts, so neither the rules nor when to stop adding seeds can follow the results.
+``seeds.json`` records how many seeds each cell has reached. ``runs/<cell>-s<seed>/`` is one run
+directory each (see :mod:`normlab.train.rundir`).
 """
 
 from __future__ import annotations
@@ -24,24 +26,53 @@ __all__ = [
     "ERROR_FILE",
     "PLAN_FILE",
     "PLAN_FORMAT",
+    "SCHEDULE_FILE",
     "check_same_plan",
     "load_plan",
     "make_plan",
     "plan_configs",
     "run_dir",
+    "stopping_rule",
 ]
 
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = "normlab-study/1"
 ERROR_FILE = "error.txt"
+SCHEDULE_FILE = "seeds.json"  # the seeds per cell sequential seeding reached (the runner's state)
 
 
 def run_dir(study_dir: Path, key: str) -> Path:
     return study_dir / "runs" / key
 
 
+def stopping_rule(study: Study, options: StudyOptions) -> dict[str, Any]:
+    """Sequential seeding as the plan states it: the seeds every cell starts with, the cap, and
+    each claim's confidence level and smallest effect (``min_effect``, or ``tol`` of a similarity
+    claim) that decide whether it is conclusive."""
+    start = options.seeds if options.seeds is not None else study.default_seeds
+    cap = options.max_seeds if options.max_seeds is not None else start
+    claims = []
+    for c in study.claims:
+        rule = c.rule.to_dict()
+        effect = {k: rule[k] for k in ("min_effect", "tol", "value", "rate") if rule.get(k) is not None}
+        claims.append({"id": c.id, "level": rule.get("level"), **effect})
+    return {
+        "start_seeds": start,
+        "max_seeds": cap,
+        "rule": (
+            "every cell starts with start_seeds seeds; after each round, every cell of a claim still "
+            "inconclusive gets one more seed, up to max_seeds; the study stops when every claim is "
+            "reproduced or not reproduced, or when no cell of an inconclusive claim can grow"
+            if cap > start
+            else "a fixed number of seeds per cell (max_seeds = start_seeds)"
+        ),
+        "claims": claims,
+    }
+
+
 def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict[str, Any]:
-    """The study's plan: the grid and the claims with their rules, as JSON."""
+    """The study's plan: the grid (every run up to ``max_seeds``), the claims with their rules
+    and the stopping rule of sequential seeding, as JSON."""
     return {
         "format": PLAN_FORMAT,
         "study": study.name,
@@ -51,6 +82,7 @@ def make_plan(study: Study, options: StudyOptions, specs: list[RunSpec]) -> dict
         "options": asdict(options),
         "environment": environment(),
         "claims": [c.to_dict() for c in study.claims],
+        "sequential": stopping_rule(study, options),
         **({"rank": dict(study.rank)} if study.rank else {}),
         **({"source": dict(study.source)} if study.source else {}),
         **({"data": data} if (data := _user_data(specs)) else {}),
@@ -96,7 +128,8 @@ def check_same_plan(old: dict[str, Any], new: dict[str, Any], path: Path) -> Non
         (o["rule"], o["metric"], o["a"], o["b"]) != (n["rule"], n["metric"], n["a"], n["b"])
         for o, n in zip(old.get("claims", []), new["claims"], strict=False)
     )
-    if old.get("study") != new["study"] or changed or added or removed or rules_changed:
+    stopping_changed = old.get("sequential") != new.get("sequential")
+    if old.get("study") != new["study"] or changed or added or removed or rules_changed or stopping_changed:
         what = []
         if old.get("study") != new["study"]:
             what.append(f"study {old.get('study')!r} != {new['study']!r}")
@@ -106,6 +139,8 @@ def check_same_plan(old: dict[str, Any], new: dict[str, Any], path: Path) -> Non
             what.append(f"{len(added)} runs added, {len(removed)} removed (other --seeds/--scale/options?)")
         if rules_changed:
             what.append("the claims or their verdict rules changed")
+        if stopping_changed:
+            what.append("the stopping rule of sequential seeding changed (other --seeds/--max-seeds?)")
         raise ValueError(
             f"{path} was planned differently: {'; '.join(what)}. "
             "Resume with the same options, or choose a new --out"

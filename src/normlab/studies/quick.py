@@ -42,7 +42,7 @@ def _lm(options: StudyOptions) -> Any:
     def make(*, seed: int, placement: str, warmup: int) -> RunConfig:
         steps = options.steps(LM_STEPS)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt={"n_layer": N_LAYER, "n_embd": 64, "n_head": 4, "placement": placement, "norm": "layernorm"},
@@ -120,7 +120,7 @@ CLAIMS = (
         metric="val_loss",
         a=_lm_side("Pre-LN+LNS", "lns"),
         b=_lm_side("Pre-LN", "pre"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="lns-variance",
@@ -131,7 +131,7 @@ CLAIMS = (
         metric="resid_var_growth",
         a=_lm_side("Pre-LN+LNS", "lns"),
         b=_lm_side("Pre-LN", "pre"),
-        rule=Better(lower_is_better=True, k=2.0),
+        rule=Better(lower_is_better=True),
     ),
     Claim(
         id="pre-ln-no-warmup",
@@ -141,7 +141,7 @@ CLAIMS = (
         metric="val_loss",
         a=_lm_side("Pre-LN", "pre"),
         b=_lm_side("Post-LN", "post"),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="post-ln-warmup",
@@ -151,7 +151,7 @@ CLAIMS = (
         metric="val_loss",
         a=_lm_side("Post-LN warm-up 50", "post", 50),
         b=_lm_side("Post-LN no warm-up", "post", 0),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="gn-vs-bn-batch2",
@@ -161,7 +161,7 @@ CLAIMS = (
         metric="test_acc",
         a=Side(label="GroupNorm", group="img", where={"norm": "groupnorm", "batch_size": 2}),
         b=Side(label="BatchNorm", group="img", where={"norm": "batchnorm", "batch_size": 2}),
-        rule=Better(lower_is_better=False, k=2.0, min_effect=0.005),
+        rule=Better(lower_is_better=False, min_effect=0.005),
     ),
 )
 
@@ -192,6 +192,7 @@ STUDY = register_study(
         ),
         metrics={"resid_var_growth": resid_var_growth},
         default_seeds=2,
+        sizes={"tiny": 0.1, "small": 1.0},  # tiny: the scale of its tests
         budget="about 2 min on 2 shared cores with --jobs 2",
     )
 )

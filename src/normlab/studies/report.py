@@ -19,11 +19,12 @@ from typing import Any
 
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
-from normlab.studies.plan import ERROR_FILE, load_plan, run_dir
+from normlab.studies.plan import ERROR_FILE, SCHEDULE_FILE, load_plan, run_dir
 from normlab.studies.stats import welch_interval
 from normlab.train.logger import json_safe, read_jsonl, summarize
 from normlab.train.rundir import METRICS_FILE, RESULT_FILE, write_json
 
+NOT_NEEDED = "not needed"  # a run sequential seeding did not schedule
 VERDICT_MARK = {
     "reproduced": "reproduced",
     "not reproduced": "NOT reproduced",
@@ -81,6 +82,7 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
     needed = {c["metric"] for c in plan["claims"]}
     builtin = {"train_loss", "diverged"}
     runs: dict[str, Any] = {}
+    schedule = _schedule(study_dir, plan)
     for r in plan["runs"]:
         path = run_dir(study_dir, r["key"])
         records = read_jsonl(path / METRICS_FILE)
@@ -88,6 +90,9 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         summary = summarize(records)
         result = json.loads((path / RESULT_FILE).read_text()) if is_done else {}
         status = "finished" if is_done else ("failed" if (path / ERROR_FILE).is_file() else "unfinished")
+        beyond = int(r["seed"]) >= schedule.get(r["cell"], 1 << 30)
+        if status == "unfinished" and beyond and not path.exists():
+            status = NOT_NEEDED  # beyond the seeds sequential seeding gave its cell
         start = next((x for x in records if x.get("kind") == "start"), {})
         runs[r["key"]] = {
             "group": r["group"],
@@ -132,12 +137,14 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         cell["curves"] = _cell_curves([r["_records"] for r in finished])
 
     claims = [_evaluate_claim(c, runs) for c in plan["claims"]]
+    sequential = plan.get("sequential")
     ranking = _ranking(plan["rank"], cells, runs) if plan.get("rank") else []
     for run in runs.values():
         del run["_records"]
-    counts = {
-        s: sum(1 for r in runs.values() if r["status"] == s) for s in ("finished", "unfinished", "failed")
-    }
+    statuses = ["finished", "unfinished", "failed"]
+    if sequential and sequential["max_seeds"] > sequential["start_seeds"]:
+        statuses.append(NOT_NEEDED)
+    counts = {s: sum(1 for r in runs.values() if r["status"] == s) for s in statuses}
     return {
         "study": plan["study"],
         "title": plan["title"],
@@ -147,6 +154,7 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         "environment": plan.get("environment", {}),
         "run_counts": counts,
         "claims": claims,
+        "sequential": sequential,
         "rank": plan.get("rank"),
         "ranking": ranking,
         "source": {k: v for k, v in (plan.get("source") or {}).items() if k != "text"},
@@ -154,6 +162,18 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         "runs": runs,
         "plots": [],
     }
+
+
+def _schedule(study_dir: Path, plan: Mapping[str, Any]) -> dict[str, int]:
+    """Seeds per cell sequential seeding scheduled (``seeds.json``); without it the plan's start
+    seeds (an older plan without a stopping rule: every run)."""
+    path = study_dir / SCHEDULE_FILE
+    if path.is_file():
+        return {k: int(v) for k, v in json.loads(path.read_text()).get("cells", {}).items()}
+    sequential = plan.get("sequential")
+    if not sequential:
+        return {}
+    return {r["cell"]: int(sequential["start_seeds"]) for r in plan["runs"]}
 
 
 def _ranking(
@@ -176,7 +196,7 @@ def _ranking(
                 "cell": name,
                 "params": cell["params"],
                 "values": values,
-                "runs": len(cell["runs"]),
+                "runs": sum(1 for k in cell["runs"] if runs[k]["status"] != NOT_NEEDED),
                 "diverged": cell.get("diverged", 0),
             }
         )
@@ -287,7 +307,7 @@ def _side_stats(
     side: Mapping[str, Any], metric: str, runs: Mapping[str, Any], seeds: set[int] | None = None
 ) -> tuple[Stats, dict[str, Any]]:
     """The side's values of ``metric`` in seed order (only those of ``seeds``, if given)."""
-    chosen = _side_runs(side, runs)
+    chosen = [r for r in _side_runs(side, runs) if r["status"] != NOT_NEEDED]
     finished = [r for r in chosen if r["status"] == "finished"]
     values = tuple(
         r["metrics"][metric]
@@ -327,12 +347,21 @@ def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[s
         if b.n and a.n and b.mean != 0:
             ratio = a.mean / b.mean
             measured += f"; ratio {ratio:.3f}"
+    rule_text = claim["rule_text"]
+    if "level" not in claim["rule"]:  # a plan written with the k x sd rules
+        label_b = claim["b"]["label"] if claim["b"] is not None else None
+        rule_text = (
+            f"{rule.describe(metric, claim['a']['label'], label_b)} (this plan's rule, "
+            f"{claim['rule_text']!r}, used the deprecated k x sd margin; evaluated with the interval rule)"
+        )
     return {
         "id": claim["id"],
         "text": claim["text"],
         "paper": claim["paper"],
         "metric": metric,
-        "rule": claim["rule_text"],
+        "rule": rule_text,
+        "n": [a.n] + ([b.n] if b is not None else []),
+        "interval": _interval_of(outcome.numbers),
         "a": a_info,
         "b": b_info,
         "ratio": ratio,
@@ -341,6 +370,12 @@ def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[s
         "numbers": outcome.numbers,
         "measured": measured,
     }
+
+
+def _interval_of(numbers: Mapping[str, float]) -> dict[str, float] | None:
+    if "low" not in numbers:
+        return None
+    return {"low": numbers["low"], "high": numbers["high"], "level": numbers["level"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +399,12 @@ def claims_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _n_text(claim: Mapping[str, Any]) -> str:
+    """``n = 3 vs 4`` seeds per side of a claim (from older results: the sides' own counts)."""
+    n = claim.get("n") or [s["n"] for s in (claim["a"], claim["b"]) if s is not None]
+    return "n = " + " vs ".join(str(x) for x in n)
+
+
 def claims_text(results: Mapping[str, Any]) -> str:
     """The claims table for a terminal: one block per claim."""
     out = []
@@ -372,7 +413,8 @@ def claims_text(results: Mapping[str, Any]) -> str:
         if c["paper"]:
             out.append(f"    paper:    {c['paper']}")
         out.append(f"    measured: {c['measured']}")
-        out.append(f"    rule:     {c['why']}")
+        out.append(f"    verdict:  {_n_text(c)}; {c['why']}")
+        out.append(f"    rule:     {c['rule']}")
     return "\n".join(out)
 
 
@@ -451,14 +493,19 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
         "",
     ]
     for c in results["claims"]:
-        lines.append(f"- **{c['id']}**: {c['rule']}. Here: {c['why']}.")
+        lines.append(f"- **{c['id']}**: {c['rule']}. Here: {_n_text(c)}; {c['why']}.")
+    if results.get("sequential") and results["claims"]:
+        seq = results["sequential"]
+        lines += ["", f"Seeds (stopping rule, in `plan.json`): {seq['rule']}; start_seeds = "
+                  f"{seq['start_seeds']}, max_seeds = {seq['max_seeds']}."]  # fmt: skip
     lines += [
         "",
         "Spreads are sample standard deviations over seeds; a diverged run counts with its task's "
         "fallback value (the uniform predictor's loss, chance accuracy). Directions and ratios are "
         "what is compared with the papers, never their absolute numbers.",
         "",
-        f"Runs: {counts['finished']} finished, {counts['unfinished']} unfinished, {counts['failed']} failed.",
+        f"Runs: {counts['finished']} finished, {counts['unfinished']} unfinished, {counts['failed']} failed"
+        + (f", {counts[NOT_NEEDED]} not needed (seeding stopped)." if NOT_NEEDED in counts else "."),
         "",
         "## Results per cell",
         "",

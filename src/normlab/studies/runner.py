@@ -2,9 +2,20 @@
 
 Layout of a study directory::
 
-    plan.json                  # the grid, the claims and their rules: written before any run
+    plan.json                  # the grid, the claims, their rules and the stopping rule: written
+                               # before any run
+    seeds.json                 # the seeds each cell has reached (sequential seeding)
     runs/<cell>-s<seed>/       # one run directory each (see normlab.train.rundir)
     report.md, results.json, plots/*.png
+
+Sequential seeding: every cell starts with ``seeds`` seeds (the study's ``default_seeds`` or
+``--seeds``); when the cap ``max_seeds`` (``Study.max_seeds``, ``max_seeds = N`` in a study
+file, ``--max-seeds N``) is above it, the runner evaluates the claims after each round and
+gives one more seed to every cell of each claim still inconclusive, until every claim is
+conclusive or those cells hold ``max_seeds`` seeds. The plan lists every run up to the cap and
+states this stopping rule (with each claim's level and smallest effect) before the first run;
+runs never scheduled are reported as "not needed". ``--resume`` reads ``seeds.json`` and goes on
+from the last round, reusing every finished run.
 
 A run is finished when its ``result.json`` exists (written last, atomically). ``--resume``
 skips finished runs and continues unfinished ones from their last checkpoint, so a study
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -36,9 +48,9 @@ from typing import Any
 
 import torch
 
-from normlab.studies.framework import RunSpec, Study, StudyOptions
-from normlab.studies.plan import ERROR_FILE, PLAN_FILE, check_same_plan, make_plan, run_dir
-from normlab.studies.report import write_report
+from normlab.studies.framework import Claim, RunSpec, Study, StudyOptions
+from normlab.studies.plan import ERROR_FILE, PLAN_FILE, SCHEDULE_FILE, check_same_plan, make_plan, run_dir
+from normlab.studies.report import collect, write_report
 from normlab.train.config import config_hash
 from normlab.train.distributed import DEFAULT_DIST_BN, DIST_BN_MODES, DistBN
 from normlab.train.rundir import CONFIG_FILE, RESULT_FILE, write_json
@@ -198,15 +210,15 @@ def run_study(
         preload: Python files each worker process runs first (a ``.py`` study file, so that
             what it registers exists in the processes that train).
     """
-    options = options or StudyOptions()
-    if options.seeds is None:
-        options = replace(options, seeds=study.default_seeds)
+    options = study.resolve(options or StudyOptions())
     _check_settings(
         jobs=jobs, threads=threads, nproc=nproc, dist_bn=dist_bn, device=device, tensorboard=tensorboard,
         dist=dist,
     )  # fmt: skip
     study_dir = Path(out)
-    specs = study.specs(options)
+    assert options.seeds is not None  # resolved
+    start, cap = options.seeds, options.max_seeds or options.seeds
+    specs = study.specs(replace(options, seeds=cap))  # every run sequential seeding may add
     plan = make_plan(study, options, specs)
     plan_path = study_dir / PLAN_FILE
     _claim(study_dir, plan, resume=resume)
@@ -214,44 +226,97 @@ def run_study(
     _prepare_data(specs, data_dir_s, echo)
     if not plan_path.exists():
         study_dir.mkdir(parents=True, exist_ok=True)
-        write_json(plan_path, plan)  # the rules are on disk before the first run starts
+        write_json(plan_path, plan)  # the rules and the stopping rule are on disk before the first run
 
-    todo = [s for s in specs if not (run_dir(study_dir, s.key) / RESULT_FILE).exists()]
-    echo(
-        f"study {study.name!r}: {len(specs)} runs in {len({s.cell for s in specs})} cells, "
-        f"{len(specs) - len(todo)} already finished; {len(todo)} to run with {jobs} job(s)"
-        + (f" of {nproc} processes each (torchrun)" if nproc > 1 else "")
-    )
+    schedule = load_schedule(study_dir, specs, start=start)
+    claim_cells = {c.id: _cells_of(c, specs) for c in study.claims}
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
-    done = 0
+    trained = 0
 
-    def report(key: str, summary: dict[str, Any] | None, error: str | None, seconds: float) -> None:
-        nonlocal done
-        done += 1
-        if error is not None:
-            failures[key] = error
-            echo(f"[{done}/{len(todo)}] {key}: FAILED ({error})")
+    def train_round(todo: list[RunSpec]) -> None:
+        done = 0
+
+        def report(key: str, summary: dict[str, Any] | None, error: str | None, seconds: float) -> None:
+            nonlocal done
+            done += 1
+            if error is not None:
+                failures[key] = error
+                echo(f"[{done}/{len(todo)}] {key}: FAILED ({error})")
+            else:
+                echo(f"[{done}/{len(todo)}] {key}: {_brief(summary or {})} ({seconds:.1f} s)")
+
+        jobs_of = [(spec, str(run_dir(study_dir, spec.key))) for spec in todo]
+        if nproc > 1:
+            per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
+            _run_with_torchrun(jobs_of, report, jobs=jobs, data_dir=data_dir_s, device=device, nproc=nproc,
+                               threads=per_process, dist_bn=dist_bn, preload=preload, dist=dist)  # fmt: skip
+        elif jobs == 1 or len(todo) <= 1:
+            _run_here(jobs_of, report, threads=threads, data_dir=data_dir_s, progress=progress,
+                      tensorboard=tensorboard, device=device)  # fmt: skip
         else:
-            echo(f"[{done}/{len(todo)}] {key}: {_brief(summary or {})} ({seconds:.1f} s)")
+            per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
+            _run_in_workers(jobs_of, report, jobs=jobs, threads=per_job, data_dir=data_dir_s,
+                            tensorboard=tensorboard, device=device, preload=preload)  # fmt: skip
 
-    jobs_of = [(spec, str(run_dir(study_dir, spec.key))) for spec in todo]
-    if nproc > 1:
-        per_process = threads or max(1, (os.cpu_count() or 1) // (jobs * nproc))
-        _run_with_torchrun(jobs_of, report, jobs=jobs, data_dir=data_dir_s, device=device, nproc=nproc,
-                           threads=per_process, dist_bn=dist_bn, preload=preload, dist=dist)  # fmt: skip
-    elif jobs == 1 or len(todo) <= 1:
-        _run_here(jobs_of, report, threads=threads, data_dir=data_dir_s, progress=progress,
-                  tensorboard=tensorboard, device=device)  # fmt: skip
-    else:
-        per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
-        _run_in_workers(jobs_of, report, jobs=jobs, threads=per_job, data_dir=data_dir_s,
-                        tensorboard=tensorboard, device=device, preload=preload)  # fmt: skip
-    echo(f"trained {len(todo)} runs in {time.perf_counter() - t0:.1f} s")
+    for round_ in itertools.count(1):
+        scheduled = [s for s in specs if s.seed < schedule[s.cell]]
+        todo = [s for s in scheduled if s.key not in failures and not _finished(study_dir, s)]
+        if round_ == 1:
+            echo(
+                f"study {study.name!r}: {len(scheduled)} runs in {len({s.cell for s in specs})} cells, "
+                f"{len(scheduled) - len(todo)} already finished; {len(todo)} to run with {jobs} job(s)"
+                + (f" of {nproc} processes each (torchrun)" if nproc > 1 else "")
+                + (f"; then up to {cap} seeds a cell while a claim is inconclusive" if cap > start else "")
+            )
+        # the round's schedule is on disk before its runs start: a resumed study goes on with
+        # this round, so an interruption cannot change which seeds the claims are decided on
+        write_json(study_dir / SCHEDULE_FILE, {"cells": schedule, "rounds": round_})
+        train_round(todo)
+        trained += len(todo)
+        if cap <= start or not study.claims:
+            break
+        open_claims = [
+            c["id"] for c in collect(study_dir, study=study)["claims"] if c["verdict"] == "inconclusive"
+        ]
+        grow = sorted({cell for cid in open_claims for cell in claim_cells[cid] if schedule[cell] < cap})
+        if not grow:
+            if open_claims:
+                echo(f"still inconclusive at max_seeds={cap}: {', '.join(open_claims)}")
+            break
+        for cell in grow:
+            schedule[cell] += 1
+        echo(
+            f"round {round_ + 1}: {len(open_claims)} claim(s) inconclusive ({', '.join(open_claims)}); "
+            f"one more seed for {len(grow)} cell(s)"
+        )
+    echo(f"trained {trained} runs in {time.perf_counter() - t0:.1f} s")
     results = write_report(study_dir, study=study, plots=plots)
     if failures:
         results["failed_runs"] = failures
     return results
+
+
+def _finished(study_dir: Path, spec: RunSpec) -> bool:
+    return (run_dir(study_dir, spec.key) / RESULT_FILE).exists()
+
+
+def _cells_of(claim: Claim, specs: list[RunSpec]) -> set[str]:
+    """The cells either side of ``claim`` selects."""
+    sides = [side for side in (claim.a, claim.b) if side is not None]
+    return {s.cell for s in specs if any(side.selects(s.group, s.params) for side in sides)}
+
+
+def load_schedule(study_dir: Path, specs: list[RunSpec], *, start: int) -> dict[str, int]:
+    """Seeds per cell so far: ``start`` each, or what an interrupted study's ``seeds.json``
+    recorded (resume goes on from its last round)."""
+    schedule = {s.cell: start for s in specs}
+    path = study_dir / SCHEDULE_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text()).get("cells", {})
+        for cell in schedule:
+            schedule[cell] = max(start, int(stored.get(cell, start)))
+    return schedule
 
 
 Jobs = list[tuple[RunSpec, str]]  # each run and its directory

@@ -132,7 +132,7 @@ def _beats(claim_id: str, text: str, paper: str, a: Side, b: Side, min_effect: f
         metric="test_acc",
         a=a,
         b=b,
-        rule=Better(lower_is_better=False, k=2.0, min_effect=min_effect),
+        rule=Better(lower_is_better=False, min_effect=min_effect),
     )
 
 
@@ -152,7 +152,7 @@ CLAIMS = (
         metric="test_acc",
         a=_side("GN b2", "groupnorm", 2),
         b=_side("GN b32", "groupnorm", 32),
-        rule=Similar(tol=0.03, relative=False, k=2.0),
+        rule=Similar(tol=0.03, relative=False),
     ),
     _beats(
         "bn-drops",
@@ -169,7 +169,7 @@ CLAIMS = (
         metric="test_acc",
         a=_side("BN b32", "batchnorm", 32),
         b=_side("GN b32", "groupnorm", 32),
-        rule=Similar(tol=0.02, relative=False, k=2.0),
+        rule=Similar(tol=0.02, relative=False),
     ),
     _beats(
         "gn-beats-ln-batch32",
@@ -250,6 +250,7 @@ STUDY = register_study(
             ),
         ),
         default_seeds=2,
+        sizes={"tiny": 1 / 64, "small": 1.0},  # tiny: the scale of its tests
         budget="about 8 min on 2 idle cores with --jobs 2 (64 runs)",
     )
 )

@@ -1,4 +1,6 @@
-"""Student's t quantiles and Welch's interval for a difference of means, in plain Python.
+"""Confidence intervals of the verdict rules, in plain Python: Student's t quantiles, Welch's
+interval of a difference of means, the one-sample and paired t intervals, Wilson's interval of a
+rate and Newcombe's interval of a difference of two rates.
 
 ``t_ppf`` inverts the t CDF, ``F(t) = 1 - I_x(df/2, 1/2) / 2`` with ``x = df / (df + t^2)``
 (``t > 0``), by bisection; the regularized incomplete beta ``I_x(a, b)`` is evaluated with its
@@ -9,9 +11,19 @@ values); non-integer ``df`` (Welch-Satterthwaite) is fine.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
-__all__ = ["betainc", "t_cdf", "t_ppf", "welch_interval"]
+__all__ = [
+    "betainc",
+    "newcombe_interval",
+    "paired_interval",
+    "t_cdf",
+    "t_interval",
+    "t_ppf",
+    "welch_interval",
+    "wilson_interval",
+]
 
 
 def _beta_fraction(a: float, b: float, x: float) -> float:
@@ -95,3 +107,72 @@ def welch_interval(
     df = (qa + qb) ** 2 / (qa**2 / (len(a) - 1) + qb**2 / (len(b) - 1))
     half = t_ppf(0.5 + level / 2.0, df) * math.sqrt(qa + qb)
     return diff, diff - half, diff + half
+
+
+def _mean_var(values: Sequence[float]) -> tuple[float, float]:
+    mean = math.fsum(values) / len(values)
+    return mean, math.fsum((x - mean) ** 2 for x in values) / (len(values) - 1)
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level!r}")
+
+
+def t_interval(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the one-sample Student t ``level`` confidence interval of the mean,
+    ``mean +- t_{(1+level)/2, n-1} * sd / sqrt(n)``; ``None`` with fewer than 2 values. A sample
+    without spread gives the point interval ``(mean, mean, mean)``."""
+    _check_level(level)
+    if len(values) < 2:
+        return None
+    mean, var = _mean_var(values)
+    if var == 0.0:
+        return mean, mean, mean
+    half = t_ppf(0.5 + level / 2.0, len(values) - 1) * math.sqrt(var / len(values))
+    return mean, mean - half, mean + half
+
+
+def paired_interval(
+    a: Sequence[float], b: Sequence[float], *, level: float = 0.95
+) -> tuple[float, float, float] | None:
+    """``(mean_d, low, high)``: the paired t interval of the mean of ``d_i = a_i - b_i`` (the
+    values of the same seeds on both sides, in the same order), ``n - 1`` degrees of freedom."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_interval: {len(a)} values on side A, {len(b)} on side B")
+    return t_interval([x - y for x, y in zip(a, b, strict=True)], level=level)
+
+
+def _z(level: float) -> float:
+    return statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+
+
+def wilson_interval(successes: int, n: int, *, level: float = 0.95) -> tuple[float, float, float] | None:
+    """``(p, low, high)``: the rate ``p = successes / n`` and its Wilson score ``level`` interval,
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``z`` the normal
+    ``(1 + level) / 2`` quantile (Wilson 1927); ``None`` when ``n`` is 0."""
+    _check_level(level)
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return None
+    z, p = _z(level), successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_interval(
+    successes_a: int, n_a: int, successes_b: int, n_b: int, *, level: float = 0.95
+) -> tuple[float, float, float] | None:
+    """``(p_a - p_b, low, high)``: Newcombe's hybrid score interval of a difference of two
+    independent rates (Newcombe 1998, method 10), built from the two Wilson intervals
+    ``(l_a, u_a)``, ``(l_b, u_b)``: ``d - sqrt((p_a - l_a)^2 + (u_b - p_b)^2)`` to
+    ``d + sqrt((u_a - p_a)^2 + (p_b - l_b)^2)``; ``None`` when a side has no value."""
+    wa = wilson_interval(successes_a, n_a, level=level)
+    wb = wilson_interval(successes_b, n_b, level=level)
+    if wa is None or wb is None:
+        return None
+    (pa, la, ua), (pb, lb, ub) = wa, wb
+    d = pa - pb
+    return d, d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)

@@ -11,6 +11,8 @@ TEMPLATE = """\
 name = "my-norms"                    # letters, digits, - and _
 title = "LayerNorm, RMSNorm or DyT, Pre-LN or Peri-LN, for a small GPT on Shakespeare?"
 seeds = 2                            # seeds per cell: 0 .. seeds-1 (at least 2 give a spread)
+# max_seeds = 6                      # add seeds, a round at a time, to the cells of claims still
+#                                    # inconclusive, up to this many (the stopping rule is in plan.json)
 metric = "val_loss"                  # what the cells are ranked by (image data: "test_acc")
 
 [data]
@@ -60,7 +62,7 @@ text = "DyT reaches LayerNorm's validation loss (within 2%)"
 metric = "val_loss"
 a = { norm = "dyt" }
 b = { norm = "layernorm" }
-rule = { similar = 0.02 }            # |mean a - mean b| + 2 sd within 2% of b's mean
+rule = { similar = 0.02 }            # the 95% interval of mean a - mean b within 2% of b's mean
 
 [[claim]]
 id = "rmsnorm-beats-layernorm"
@@ -68,5 +70,11 @@ text = "RMSNorm beats LayerNorm by more than 0.01 in validation loss"
 metric = "val_loss"
 a = { norm = "rmsnorm" }
 b = { norm = "layernorm" }
-rule = { better = 0.01 }             # a lower than b by more than max(2 sd, 0.01)
+rule = { better = 0.01 }             # the 95% interval of the gain excludes 0 and the gain is
+#                                    # >= 0.01; inside +-0.01 (or reversed) is "not reproduced";
+#                                    # level = 0.9 for a 90% interval
+# [[claim]]                          # a stability claim: the share of seeds with an event
+# metric = "diverged"
+# a = { norm = "dyt" }
+# rule = { rate = 0.25 }             # diverged (> 0.5) in fewer than 25% of seeds (Wilson interval)
 """

@@ -6,7 +6,8 @@ Python file defines (``STUDY = Study(...)`` or ``STUDY = study_from_dict({...})`
 
     name = "my-norms"            # the study's name (letters, digits, - and _)
     title = "Which norm for my text?"
-    seeds = 2                    # seeds per cell
+    seeds = 2                    # seeds per cell to start with
+    max_seeds = 6                # optional: add seeds to inconclusive claims' cells, up to 6
     metric = "val_loss"          # what the report ranks the cells by (default: val_loss / test_acc)
 
     [data]                       # exactly one source:
@@ -38,7 +39,8 @@ Python file defines (``STUDY = Study(...)`` or ``STUDY = study_from_dict({...})`
     metric = "val_loss"
     a = { norm = "dyt" }
     b = { norm = "layernorm" }
-    rule = { similar = 0.02 }    # or { better = MIN_EFFECT }, { exceeds = VALUE }
+    rule = { similar = 0.02 }    # or { better = MIN_EFFECT }, { exceeds = VALUE }, { rate = R },
+                                 # { rate_diff = MIN_EFFECT }; level = 0.95 (see _rule)
 
 Sweep keys: ``norm``, ``placement``, ``norm_kwargs.K``, ``placement_kwargs.K``, ``model.K`` (an
 option of the model: a GPTConfig field, a config.json field, a factory argument), ``train.K``,
@@ -70,10 +72,12 @@ from normlab.models import MODELS
 from normlab.models.hf import hf_config
 from normlab.norms import NORMS
 from normlab.studies.framework import (
+    DEFAULT_LEVEL,
     RESERVED_NAMES,
     Better,
     Claim,
     Exceeds,
+    Rate,
     Rule,
     RunSpec,
     Side,
@@ -93,6 +97,7 @@ TOP_KEYS = (
     "title",
     "question",
     "seeds",
+    "max_seeds",
     "budget",
     "metric",
     "data",
@@ -149,6 +154,7 @@ class _Compiler:
     # ---- the parts of the file -----------------------------------------------------------
 
     def header(self) -> tuple[str, str, str, int]:
+        """``(name, title, question, seeds)``; ``max_seeds`` is checked here, read by the caller."""
         unknown = sorted(set(self.doc) - set(TOP_KEYS))
         if unknown:
             raise self.fail(f"{unknown[0]!r}", f"unknown key; the keys are {list(TOP_KEYS)}")
@@ -160,6 +166,12 @@ class _Compiler:
         seeds = self.doc.get("seeds", 2)
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise self.fail("seeds", f"must be a positive int, got {seeds!r}")
+        cap = self.doc.get("max_seeds")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < max(2, seeds)):
+            raise self.fail(
+                "max_seeds",
+                f"must be an int >= 2 and >= seeds = {seeds} (the cap of sequential seeding), got {cap!r}",
+            )
         title = self.doc.get("title", name)
         question = self.doc.get("question", "")
         for key, value in (("title", title), ("question", question), ("budget", self.doc.get("budget", ""))):
@@ -362,30 +374,50 @@ def _number(value: Any, key: str, fail: Callable[[str, str], StudyFileError]) ->
     return float(value)
 
 
+RULE_KINDS = ("better", "similar", "exceeds", "rate", "rate_diff")
+RULE_OPTIONS = {
+    "better": {"k", "lower_is_better", "level", "paired"},
+    "similar": {"k", "relative", "paired", "level"},
+    "exceeds": {"k", "above", "level"},
+    "rate": {"threshold", "above", "lower", "level"},
+    "rate_diff": {"threshold", "above", "lower", "level"},
+}
+
+
 def _rule(table: Any, metric: str, key: str, fail: Callable[[str, str], StudyFileError]) -> tuple[Rule, bool]:
-    """``(rule, needs side b)`` of a claim's ``rule = {...}``."""
+    """``(rule, needs side b)`` of a claim's ``rule = {...}``.
+
+    ``{ better = MIN_EFFECT }``, ``{ similar = TOL }``, ``{ exceeds = VALUE }`` (the rules of
+    :mod:`normlab.studies.framework`), ``{ rate = R }`` (side a's rate of an event, ``metric >
+    threshold`` per seed, is below R: ``lower = false`` for above) and ``{ rate_diff =
+    MIN_EFFECT }`` (side a's event rate is lower than side b's). ``level`` is the confidence of
+    the interval (default 0.95); ``k`` is deprecated and ignored.
+    """
     if not isinstance(table, dict):
         raise fail(key, f"must be a table such as {{ better = 0.01 }}, got {table!r}")
-    kinds = [k for k in ("better", "similar", "exceeds") if k in table]
+    kinds = [k for k in RULE_KINDS if k in table]
     if len(kinds) != 1:
-        raise fail(key, f"needs exactly one of better, similar, exceeds; got {sorted(table)}")
+        raise fail(key, f"needs exactly one of {', '.join(RULE_KINDS)}; got {sorted(table)}")
     which = kinds[0]
     options = {k: v for k, v in table.items() if k != which}
-    allowed = {
-        "better": {"k", "lower_is_better"},
-        "similar": {"k", "relative", "paired"},
-        "exceeds": {"k", "above"},
-    }[which]
+    allowed = RULE_OPTIONS[which]
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise fail(f"{key}.{unknown[0]}", f"unknown option of {which}; options: {sorted(allowed)}")
-    k = _number(options.get("k", 2.0), f"{key}.k", fail)
+    k = _number(options["k"], f"{key}.k", fail) if "k" in options else None
+    level = _number(options.get("level", DEFAULT_LEVEL), f"{key}.level", fail)
+    if not 0.0 < level < 1.0:
+        raise fail(f"{key}.level", f"the confidence level must be in (0, 1), such as 0.95; got {level!r}")
+    for flag in ("paired", "relative", "above", "lower", "lower_is_better"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise fail(f"{key}.{flag}", f"must be true or false, got {options[flag]!r}")
     value = _number(table[which], f"{key}.{which}", fail)
     if which == "better":
         if value < 0:
             raise fail(f"{key}.better", f"the minimum effect must be >= 0, got {value!r}")
         lower = _lower_is_better(metric, options.get("lower_is_better"), fail, key)
-        return Better(lower_is_better=lower, k=k, min_effect=value), True
+        paired = bool(options.get("paired", False))
+        return Better(lower_is_better=lower, k=k, min_effect=value, level=level, paired=paired), True
     if which == "similar":
         if value <= 0:
             raise fail(f"{key}.similar", f"the tolerance must be > 0, got {value!r}")
@@ -394,8 +426,22 @@ def _rule(table: Any, metric: str, key: str, fail: Callable[[str, str], StudyFil
             relative=bool(options.get("relative", True)),
             k=k,
             paired=bool(options.get("paired", False)),
+            level=level,
         ), True
-    return Exceeds(value=value, above=bool(options.get("above", True)), k=k), False
+    if which in ("rate", "rate_diff"):
+        if not 0.0 <= value <= 1.0 or (which == "rate_diff" and value == 1.0):
+            raise fail(f"{key}.{which}", f"must be a rate in [0, 1], got {value!r}")
+        threshold = _number(options.get("threshold", 0.5), f"{key}.threshold", fail)
+        shared: dict[str, Any] = {
+            "threshold": threshold,
+            "above": bool(options.get("above", True)),
+            "lower": bool(options.get("lower", True)),
+            "level": level,
+        }
+        if which == "rate":
+            return Rate(rate=value, **shared), False
+        return Rate(min_effect=value, **shared), True
+    return Exceeds(value=value, above=bool(options.get("above", True)), k=k, level=level), False
 
 
 def _label(where: Mapping[str, Any]) -> str:
@@ -494,6 +540,7 @@ def study_from_dict(
         grid=build_grid,
         claims=claims,
         default_seeds=seeds,
+        max_seeds=doc.get("max_seeds"),
         budget=str(doc.get("budget", "")),
         rank={"metric": metric, "lower_is_better": rank_lower, "group": GROUP},
         source=dict(source) if source is not None else None,
@@ -597,7 +644,7 @@ def _side(
     when a ``--set`` took the side's value out of the sweep."""
     if side == "b" and not needs_b:
         if where is not None:
-            raise fail(f"{key}.b", "an exceeds rule compares side a with a value: no side b")
+            raise fail(f"{key}.b", "an exceeds or rate rule compares side a with a value: no side b")
         return None
     if not isinstance(where, dict):
         raise fail(

@@ -105,7 +105,7 @@ def _lm(options: StudyOptions, lr: float) -> Any:
     def make(*, seed: int, placement: str, warmup: int) -> RunConfig:
         steps = options.steps(STEPS)
         task = LMTask(
-            corpus=options.corpus,
+            **options.corpus_fields(),
             level="char",
             block_size=32,
             gpt={"n_layer": N_LAYER, "n_embd": 64, "n_head": 4, "placement": placement, "norm": "layernorm"},
@@ -183,7 +183,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side(f"Post-LN warm-up {WARMUP_LONG}", "post", LR_HIGH, WARMUP_LONG),
         b=_side("Post-LN no warm-up", "post", LR_HIGH, 0),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="post-short-warmup-needs-low-lr",
@@ -194,7 +194,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side(f"Post-LN warm-up {WARMUP_SHORT} lr {LR_LOW:g}", "post", LR_LOW, WARMUP_SHORT),
         b=_side(f"Post-LN warm-up {WARMUP_SHORT} lr {LR_HIGH:g}", "post", LR_HIGH, WARMUP_SHORT),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="pre-no-warmup-on-par",
@@ -205,7 +205,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN no warm-up", "pre", LR_HIGH, 0),
         b=_side(f"Pre-LN warm-up {WARMUP_LONG}", "pre", LR_HIGH, WARMUP_LONG),
-        rule=Similar(tol=0.02, relative=True, k=2.0),
+        rule=Similar(tol=0.02, relative=True),
     ),
     Claim(
         id="pre-beats-post-no-warmup",
@@ -215,7 +215,7 @@ CLAIMS = (
         metric="val_loss",
         a=_side("Pre-LN no warm-up", "pre", LR_HIGH, 0),
         b=_side("Post-LN no warm-up", "post", LR_HIGH, 0),
-        rule=Better(lower_is_better=True, k=2.0, min_effect=0.01),
+        rule=Better(lower_is_better=True, min_effect=0.01),
     ),
     Claim(
         id="post-large-last-grad-at-init",
@@ -227,7 +227,7 @@ CLAIMS = (
         metric="last_fc2_grad_at_init",
         a=_side("Post-LN", "post", LR_HIGH, 0),
         b=_side("Pre-LN", "pre", LR_HIGH, 0),
-        rule=Better(lower_is_better=False, k=2.0),
+        rule=Better(lower_is_better=False),
     ),
 )
 
@@ -244,6 +244,7 @@ STUDY = register_study(
         plots=_plots(),
         metrics={"last_fc2_grad_at_init": last_fc2_grad_at_init, "loss_spikes": loss_spikes},
         default_seeds=2,
+        sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
         budget="about 5 min on 2 idle cores with --jobs 2 (24 runs, ~10 CPU-min)",
     )
 )
