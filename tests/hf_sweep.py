@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.convert import apply_layernorm_scaling, convert_norms, read_norm, remove_layernorm_scaling, revert
+from normlab.convert import (
+    apply_layernorm_scaling,
+    convert_norms,
+    read_norm,
+    remove_layernorm_scaling,
+    revert,
+)
 from normlab.convert.convert import record_inputs
 from normlab.convert.detect import UnsupportedNormError
 from normlab.diagnostics import diagnose
@@ -36,7 +42,12 @@ TASKS = (
     ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "vision"),
 )
 # the same family: what each kind of source norm is converted to for the exactness check
-SAME_FAMILY = {"layernorm": "layernorm", "rmsnorm": "rmsnorm", "batchnorm": "batchnorm", "groupnorm": "groupnorm"}
+SAME_FAMILY = {
+    "layernorm": "layernorm",
+    "rmsnorm": "rmsnorm",
+    "batchnorm": "batchnorm",
+    "groupnorm": "groupnorm",
+}
 EXACT_TOL = 1e-5
 
 
@@ -74,10 +85,10 @@ class Row:
     seconds: float = 0.0
 
 
-def build(model_type: str, cls_name: str) -> nn.Module:
+def build(model_type: str, cls_name: str, *, keep_depth: bool = False) -> nn.Module:
     import transformers
 
-    config = hf_tiny_config(model_type)
+    config = hf_tiny_config(model_type, keep_depth=keep_depth)
     cls = getattr(transformers, cls_name)
     torch.manual_seed(0)
     model: nn.Module = cls(config)
@@ -89,7 +100,9 @@ def inputs(model: nn.Module) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(1)
     main = getattr(model, "main_input_name", "input_ids")
     if main == "input_ids":
-        vocab = int(getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 128))
+        vocab = int(
+            getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 128)
+        )
         ids = torch.randint(3, max(4, min(vocab, 128)), (2, 8), generator=gen)
         batch = {"input_ids": ids}
         if getattr(config, "is_encoder_decoder", False):
@@ -114,7 +127,7 @@ def output(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         out = model(**batch)
     t = getattr(out, "logits", None)
     if t is None:
-        t = out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state")
+        t = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return t.detach().double()
 
 
@@ -170,17 +183,24 @@ def _kinds(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, str]:
 def check(model_type: str, task: str, cls_name: str) -> Row:
     row = Row(model_type, task, cls_name)
     start = time.perf_counter()
-    try:
-        model = build(model_type, cls_name)
-        _perturb_norm_params(model)
-        batch = inputs(model)
-        ref = output(model, batch)
-        if not torch.isfinite(ref).all():
-            raise ValueError("non-finite output of the unconverted model")
-    except Exception as e:  # an architecture that does not build tiny is not in the sweep
-        row.why_not_built = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    built = None
+    for keep_depth in (False, True):  # per-layer patterns (hybrid stacks) may need every layer
+        try:
+            model = build(model_type, cls_name, keep_depth=keep_depth)
+            _perturb_norm_params(model)
+            batch = inputs(model)
+            ref = output(model, batch)
+            if not torch.isfinite(ref).all():
+                raise ValueError("non-finite output of the unconverted model")
+            built = (model, batch, ref)
+            break
+        except Exception as e:  # an architecture that does not build tiny is not in the sweep
+            row.why_not_built = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if built is None:
         row.seconds = time.perf_counter() - start
         return row
+    model, batch, ref = built
+    row.why_not_built = ""
     row.built = True
     try:
         _sweep(row, model, batch, ref)
@@ -228,6 +248,9 @@ def _sweep(row: Row, model: nn.Module, batch: dict[str, Tensor], ref: Tensor) ->
     norm_like = {n for n, m in model.named_modules() if _norm_like(m)}
     rep = convert_norms(model, "dyt", strict=False, example=batch)
     row.dyt_replaced = len(rep.replaced)
+    row.refused += [
+        f"{', '.join(s.names)}: {s.reason}" for s in rep.skipped if s.reason.startswith("unsupported")
+    ]
     accounted = {n for r in rep.replaced for n in r.names} | {n for s in rep.skipped for n in s.names}
     silent = sorted(n for n in norm_like if not any(n == a or n.startswith(a + ".") for a in accounted))
     if silent:
@@ -269,7 +292,8 @@ def table(rows: list[Row]) -> str:
         f"architectures enumerated: {len(rows)}, built from a tiny config: {len(built)}, "
         f"failed: {sum(bool(r.failures) for r in built)}",
         "",
-        "| model_type | task | norms | stack (blocks) | same family exact | refused | DyT + revert | LNS | failures |",
+        "| model_type | task | norms | stack (blocks) | same family exact | refused | DyT + revert | LNS "
+        "| failures |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in built:
@@ -277,7 +301,8 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.model_type} | {r.task} | {r.norms} | {r.stack or '-'} ({r.blocks}) | {r.same_exact}"
             f"{' + ' + str(len(r.same_other)) + ' other' if r.same_other else ''} | {len(r.refused)} | "
-            f"{r.dyt_replaced}, {'bit-exact' if r.dyt_revert_exact else 'NO'} | {lns} | {'; '.join(r.failures) or '-'} |"
+            f"{r.dyt_replaced}, {'bit-exact' if r.dyt_revert_exact else 'NO'} | {lns} | "
+            f"{'; '.join(r.failures) or '-'} |"
         )
     return "\n".join(lines)
 
@@ -299,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         row = check(model_type, task, cls)
         rows.append(row)
         status = "skip" if not row.built else ("FAIL" if row.failures else "ok")
-        print(f"{status:4} {model_type:28} {row.seconds:6.1f}s {'; '.join(row.failures) or row.why_not_built}", flush=True)
+        print(
+            f"{status:4} {model_type:28} {row.seconds:6.1f}s {'; '.join(row.failures) or row.why_not_built}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

@@ -177,11 +177,13 @@ _TINY_FIELDS: dict[str, int] = {
 _TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
-def _shrink(data: dict[str, Any]) -> dict[str, Any]:
+def _shrink(data: dict[str, Any], keep_depth: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and ("model_type" in value or key.endswith("config")):
-            out[key] = _shrink(value)
+            out[key] = _shrink(value, keep_depth)
+        elif keep_depth and _TINY_FIELDS.get(key) == 2:
+            out[key] = value
         elif key in _TINY_FIELDS and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             out[key] = min(value, _TINY_FIELDS[key])
         elif key in ("depths", "num_layers_per_stage") and isinstance(value, list):
@@ -212,24 +214,27 @@ def _shrink(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_tiny_config(model_type: str, fields: Mapping[str, Any] | None = None) -> Any:
+def hf_tiny_config(
+    model_type: str, fields: Mapping[str, Any] | None = None, *, keep_depth: bool = False
+) -> Any:
     """A small config of ``model_type`` (2 layers, width 64, 4 heads, vocabulary 128, ...).
 
     The library's default config with every size field it has (layers, width, heads, key/value
     heads, head dim, FFN and expert sizes, vocabulary, image and patch size, per-stage depths and
     widths, in sub-configs too) set to a small value; per-layer lists (``layer_types``) are cut
     to the new depth and token ids kept inside the vocabulary. ``fields`` are set last. What
-    builds from it is the architecture in miniature, for tests and inspection.
+    builds from it is the architecture in miniature, for tests and inspection. ``keep_depth``
+    keeps the default number of layers (for configs whose per-layer patterns need them).
 
     Raises:
         ValueError: an unknown ``model_type``, or a config class that rejects the small sizes.
     """
-    return shrink_config(hf_config(model_type), fields)
+    return shrink_config(hf_config(model_type), fields, keep_depth=keep_depth)
 
 
-def shrink_config(config: Any, fields: Mapping[str, Any] | None = None) -> Any:
+def shrink_config(config: Any, fields: Mapping[str, Any] | None = None, *, keep_depth: bool = False) -> Any:
     """``config`` (a Hugging Face config) in miniature: see :func:`hf_tiny_config`."""
-    data = _shrink(config.to_dict())
+    data = _shrink(config.to_dict(), keep_depth)
     for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
         data.pop(key, None)
     data.update(fields or {})
