@@ -49,6 +49,7 @@ SAME_FAMILY = {
     "groupnorm": "groupnorm",
 }
 EXACT_TOL = 1e-5
+MAX_PARAMS = 20_000_000
 
 
 def architectures() -> list[tuple[str, str, str]]:
@@ -90,6 +91,10 @@ def build(model_type: str, cls_name: str, *, keep_depth: bool = False) -> nn.Mod
 
     config = hf_tiny_config(model_type, keep_depth=keep_depth)
     cls = getattr(transformers, cls_name)
+    with torch.device("meta"):  # its size first: a default depth can be large
+        size = sum(p.numel() for p in cls(config).parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"{size / 1e6:.0f}M parameters at this size, more than the sweep builds")
     torch.manual_seed(0)
     model: nn.Module = cls(config)
     return model.eval()

@@ -449,7 +449,7 @@ def _verify(info: NormInfo, new: nn.Module, rec: Replacement, call_input: Tensor
         rec.checked = f"max relative difference {diff:.1e} on {where} {tuple(x.shape)}"
         return
     rec.checked = f"claimed {rec.relation}, differs by {diff:.2e} on {where} {tuple(x.shape)}"
-    rec.relation = NEW + f" (differs by {diff:.1e} on a probe)"
+    rec.relation = NEW + f" (differs by {diff:.1e} when checked)"
 
 
 def _move_lns_hooks(src: nn.Module, dst: nn.Module) -> None:
