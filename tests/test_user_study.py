@@ -500,10 +500,13 @@ def test_study_file_seeds_cap_and_interval_rules(tmp_path: Path, text_file: Path
 
 
 CLAIM = '[[claim]]\nid = "x"\na = {{ norm = "{a}" }}\nb = {{ norm = "{b}" }}\nrule = {{ {rule} }}'
-OLMO = (
-    "hidden_size = 32, intermediate_size = 64, num_hidden_layers = 1, "
-    "num_attention_heads = 2, num_key_value_heads = 2"
-)
+OLMO_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 BAD = [
     ("misspelt top key", {"extra": "sead = 3"}, "'sead': unknown key"),
     ("misspelt metric", {"extra": 'metric = "val_los"'}, "'val_los' is not a metric of these runs"),
@@ -631,21 +634,31 @@ def test_hf_token_data_beyond_the_config_vocabulary(tmp_path: Path, capsys: Any)
     )
 
 
-def test_an_architecture_convert_norms_cannot_change_is_refused(
-    tmp_path: Path, text_file: Path, capsys: Any
-) -> None:
+def test_a_conversion_that_changes_nothing_is_refused(tmp_path: Path, text_file: Path, capsys: Any) -> None:
     pytest.importorskip("transformers")
-    # OLMo's LayerNorm has no parameters and is not a module convert_norms can read: the sweep
-    # over norms would train the same model three times
+    # GPT-2 has no q/k norm: a sweep over norms at where='qk' would train the same model twice
     path = write_study(
         tmp_path / "s.toml",
         data='text = "corpus.txt"',
-        sweep='norm = ["dyt"]',
-        model=f'hf = "olmo"\nconfig = {{ {OLMO} }}',
+        sweep='norm = ["dyt"]\nnorm_kwargs.where = ["qk"]',
+        model='hf = "gpt2"\nconfig = { n_embd = 16, n_layer = 1, n_head = 2 }',
     )
     assert run_cli("study", path, "--out", tmp_path / "out", "--no-progress") == 2
     err = capsys.readouterr().err
-    assert_one_error(err, "norm='dyt' changes nothing", "cell norm=dyt")
+    assert_one_error(err, "norm='dyt' changes nothing", "GPT2LMHeadModel")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_parameterless_layernorm_is_converted(tmp_path: Path, text_file: Path) -> None:
+    pytest.importorskip("transformers")
+    from normlab.convert.zoo import build_hf_lm
+
+    # OLMo's LayerNorm has no parameters and hard-codes eps=1e-5: it is read by probing
+    model = build_hf_lm(
+        {"config": {"model_type": "olmo", **OLMO_CONFIG}, "norm": "dyt"}, vocab_size=64, block_size=8
+    )
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "DyT" in kinds and "OlmoLayerNorm" not in kinds
 
 
 def test_an_existing_study_is_never_overwritten(tmp_path: Path, text_file: Path, capsys: Any) -> None:

@@ -408,10 +408,14 @@ def _verify(info: NormInfo, new: nn.Module, rec: Replacement, call_input: Tensor
         NotConvertibleError: ``new`` fails on that input or gives another shape.
     """
     old = info.module
+    tensors = [*old.parameters(), *old.buffers(), *new.parameters(), *new.buffers()]
     x = call_input if call_input is not None else probe_input(info)
-    if x.device.type == "meta":
+    # a model sized on the meta device (a study's build check) has no numbers to compare
+    if x.device.type == "meta" or any(t.device.type == "meta" for t in tensors):
         rec.checked = "not run (meta device)"
         return
+    if tensors and x.device != tensors[0].device:  # a parameterless source: the probe is on CPU
+        x = x.to(tensors[0].device)
     if rec.relation == ZERO_MEAN:
         x = x - x.mean(dim=1 if info.channels_first else -1, keepdim=True)
     modes = [(m, m.training) for m in (*old.modules(), *new.modules())]

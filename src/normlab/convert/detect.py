@@ -342,7 +342,8 @@ def probe_input(info: NormInfo, shape: tuple[int, ...] | None = None) -> Tensor:
     gen = torch.Generator().manual_seed(1234)
     # A mean away from 0 and a spread away from 1, so LayerNorm, RMSNorm and a missing
     # normalization all give different outputs.
-    x = torch.randn(shape or probe_shape(info), generator=gen, dtype=torch.float64) * 1.7 + 0.6
+    # on CPU, with its generator, even under a ``torch.device("meta")`` context
+    x = torch.randn(shape or probe_shape(info), generator=gen, dtype=torch.float64, device="cpu") * 1.7 + 0.6
     tensors = [t for t in (*info.module.parameters(), *info.module.buffers()) if t.is_floating_point()]
     device = tensors[0].device if tensors else torch.device("cpu")
     return x.to(device=device, dtype=info.module_dtype())

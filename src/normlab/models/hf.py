@@ -138,7 +138,9 @@ _TINY_FIELDS: dict[str, int] = {
         ),
         2,
     ),
-    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "word_embed_proj_dim"), 64),
+    **dict.fromkeys(
+        ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "word_embed_proj_dim", "emb_dim"), 64
+    ),
     **dict.fromkeys(
         (
             "num_attention_heads",
