@@ -51,7 +51,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     sets = tuple(parse_set(text) for text in args.set)
     if _is_file(args.name):
         study = load_study_file(args.name, sets=sets)
-        for flag, value in (("--corpus", args.corpus), ("--images", args.images)):
+        flags = (("--corpus", args.corpus), ("--images", args.images), ("--robust", args.robust or None))
+        for flag, value in flags:
             if value is not None:
                 raise ValueError(f"{flag} is for registered studies; a study file names its data in [data]")
         preload = (study.source["file"],) if study.source and study.source["format"] == "py" else ()
@@ -67,10 +68,22 @@ def cmd_study(args: argparse.Namespace) -> int:
         sets=sets,
     )
     out = Path(args.out) if args.out else Path("runs") / study.name
+    if args.corpus2 is not None and not args.robust:
+        raise ValueError("--corpus2 names the corpus of --robust; pass --robust too")
+    runner: Any = run_study
+    extra: dict[str, Any] = {}
+    if args.robust:
+        from normlab.studies.robust import run_robust, second_corpus
+
+        second_corpus(options.corpus, args.corpus2)  # a clash is an error before any run
+        if args.corpus2 is not None:
+            StudyOptions(corpus=args.corpus2)  # a missing, empty or binary file: before any run
+        runner, extra = run_robust, {"corpus2": args.corpus2}
     try:
-        results: dict[str, Any] = run_study(
+        results: dict[str, Any] = runner(
             study,
             out,
+            **extra,
             options=options,
             resume=args.resume,
             jobs=args.jobs,
@@ -85,7 +98,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             dist=args.dist,
         )
     except KeyboardInterrupt:
-        again = " ".join([args.name, *(f"--set {k}={v!r}" for k, v in sets)])
+        resume_flags = [*(f"--set {k}={v!r}" for k, v in sets), *(["--robust"] if args.robust else [])]
+        again = " ".join([args.name, *resume_flags])
         print(f"\ninterrupted; continue with: normlab study {again} --out {out} --resume", file=sys.stderr)
         return 130
     print(f"\n{results['title']}\n")
@@ -177,6 +191,13 @@ def add_parser(subparsers: Any) -> None:
         help=f"text corpus of a registered study: {', '.join(CORPORA.names())} (default shakespeare) "
         "or the path of a UTF-8 text file",
     )
+    p.add_argument(
+        "--robust",
+        action="store_true",
+        help="then rerun the study on a second corpus (--corpus2; default: the Bible, or Shakespeare "
+        "after --corpus bible) into OUT/robust and mark each claim robust / not robust",
+    )
+    p.add_argument("--corpus2", help="with --robust: the second corpus (a built-in name or a text file)")
     p.add_argument(
         "--images",
         choices=image_set_names(),

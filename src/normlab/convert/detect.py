@@ -128,8 +128,9 @@ def _known(module: nn.Module) -> NormInfo | None:
     if t is nn.RMSNorm:
         rms: nn.RMSNorm = module  # type: ignore[assignment]
         return NormInfo("rmsnorm", module, tuple(rms.normalized_shape), eps=rms.eps, weight=rms.weight)
-    if t is nn.GroupNorm or (isinstance(module, nn.GroupNorm) and t.__name__ in ("GroupNorm", "GroupNorm1")):
-        return group_norm_info(module, foreign=t is not nn.GroupNorm)  # type: ignore[arg-type]
+    # a subclass that keeps torch's forward (PoolFormer's, timm's GroupNorm1) computes GroupNorm
+    if isinstance(module, nn.GroupNorm) and (t.forward is nn.GroupNorm.forward or t.__name__ == "GroupNorm1"):
+        return group_norm_info(module, foreign=t is not nn.GroupNorm)
     if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
         # its class fixes the spatial rank, so a (C, H, W) input to InstanceNorm2d is unbatched
         k = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[t]

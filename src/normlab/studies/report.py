@@ -137,6 +137,10 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         cell["curves"] = _cell_curves([r["_records"] for r in finished])
 
     claims = [_evaluate_claim(c, runs) for c in plan["claims"]]
+    robust = _robustness(study_dir)
+    for c in claims:
+        if c["id"] in robust.get("claims", {}):
+            c["robust"] = robust["claims"][c["id"]]
     sequential = plan.get("sequential")
     ranking = _ranking(plan["rank"], cells, runs) if plan.get("rank") else []
     for run in runs.values():
@@ -158,10 +162,20 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
         "rank": plan.get("rank"),
         "ranking": ranking,
         "source": {k: v for k, v in (plan.get("source") or {}).items() if k != "text"},
+        "robust": {k: v for k, v in robust.items() if k != "claims"},
         "cells": cells,
         "runs": runs,
         "plots": [],
     }
+
+
+def _robustness(study_dir: Path) -> dict[str, Any]:
+    """``robust.json`` of a ``--robust`` study (:mod:`normlab.studies.robust`), else ``{}``."""
+    path = study_dir / "robust.json"
+    if not path.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
 
 
 def _schedule(study_dir: Path, plan: Mapping[str, Any]) -> dict[str, int]:
@@ -389,13 +403,18 @@ def _md(text: str) -> str:
 def claims_markdown(results: Mapping[str, Any]) -> str:
     """The claims table (Markdown); the paper column only when a claim names a paper."""
     papers = any(c["paper"] for c in results["claims"])
-    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
-    if not papers:
-        lines = ["| claim | measured | verdict |", "|---|---|---|"]
+    robust = any("robust" in c for c in results["claims"])
+    corpus2 = (results.get("robust") or {}).get("corpus2", "")
+    header = ["claim", *(["paper"] if papers else []), "measured", "verdict"]
+    header += [f"on {corpus2}", "robust"] if robust else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in results["claims"]:
-        verdict = f"**{VERDICT_MARK[c['verdict']]}**"
-        paper = f" {_md(c['paper'])} |" if papers else ""
-        lines.append(f"| {_md(c['text'])} |{paper} {_md(c['measured'])} | {verdict} |")
+        row = [_md(c["text"]), *([_md(c["paper"])] if papers else []), _md(c["measured"])]
+        row.append(f"**{VERDICT_MARK[c['verdict']]}**")
+        if robust:
+            r = c.get("robust")
+            row += [VERDICT_MARK[r["verdict2"]], f"**{r['mark']}**"] if r else ["n/a", "n/a"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -415,6 +434,9 @@ def claims_text(results: Mapping[str, Any]) -> str:
         out.append(f"    measured: {c['measured']}")
         out.append(f"    verdict:  {_n_text(c)}; {c['why']}")
         out.append(f"    rule:     {c['rule']}")
+        if "robust" in c:
+            r, corpus2 = c["robust"], (results.get("robust") or {}).get("corpus2", "?")
+            out.append(f"    robust:   {r['mark']} (on {corpus2}: {r['verdict2']}; {r['measured2']})")
     return "\n".join(out)
 
 
@@ -494,6 +516,14 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
     ]
     for c in results["claims"]:
         lines.append(f"- **{c['id']}**: {c['rule']}. Here: {_n_text(c)}; {c['why']}.")
+    if results.get("robust"):
+        rob = results["robust"]
+        marks = [c["robust"]["mark"] for c in results["claims"] if "robust" in c]
+        counts = ", ".join(f"{marks.count(m)} {m}" for m in ("robust", "not robust", "same data"))
+        lines += ["", f"Robustness (`--robust`): the same plan on corpus `{rob['corpus2']}` (in "
+                  f"`{rob['dir']}/`, its own report there): {counts}. A claim is robust when both "
+                  "corpora give the same verdict; *same data*: its runs read no text, so the "
+                  "corpus cannot test it."]  # fmt: skip
     if results.get("sequential") and results["claims"]:
         seq = results["sequential"]
         lines += ["", f"Seeds (stopping rule, in `plan.json`): {seq['rule']}; start_seeds = "

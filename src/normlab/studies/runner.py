@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import threading
@@ -189,6 +190,7 @@ def run_study(
     preload: tuple[str, ...] = (),
     echo: Callable[[str], None] = print,
     dist: Dist = "ddp",
+    reuse: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``study`` into ``out`` and write its report; returns the results (``results.json``).
 
@@ -209,6 +211,9 @@ def run_study(
             or ``"fsdp"`` (FSDP2, :mod:`normlab.train.fsdp`).
         preload: Python files each worker process runs first (a ``.py`` study file, so that
             what it registers exists in the processes that train).
+        reuse: another study directory: a finished run there of the same key and config (its
+            ``config.json`` hash) is copied instead of trained (``--robust``: runs that read no
+            text are the same on both corpora).
     """
     options = study.resolve(options or StudyOptions())
     _check_settings(
@@ -261,6 +266,8 @@ def run_study(
 
     for round_ in itertools.count(1):
         scheduled = [s for s in specs if s.seed < schedule[s.cell]]
+        if reuse is not None:
+            reuse_finished(Path(reuse), study_dir, scheduled)
         todo = [s for s in scheduled if s.key not in failures and not _finished(study_dir, s)]
         if round_ == 1:
             echo(
@@ -295,6 +302,21 @@ def run_study(
     if failures:
         results["failed_runs"] = failures
     return results
+
+
+def reuse_finished(source: Path, target: Path, specs: list[RunSpec]) -> list[str]:
+    """Copy into ``target`` every finished run of ``source`` whose config is that of the spec
+    of its key (the hash in ``config.json``); returns the keys copied."""
+    copied = []
+    for spec in specs:
+        src, dst = run_dir(source, spec.key), run_dir(target, spec.key)
+        if dst.exists() or not (src / RESULT_FILE).is_file() or not (src / CONFIG_FILE).is_file():
+            continue
+        if json.loads((src / CONFIG_FILE).read_text()).get("config_hash") != config_hash(spec.config):
+            continue
+        shutil.copytree(src, dst)
+        copied.append(spec.key)
+    return copied
 
 
 def _finished(study_dir: Path, spec: RunSpec) -> bool:
