@@ -418,13 +418,25 @@ inline void check_input(const at::Tensor& x, const char* op) {
       op, ": unsupported dtype ", x.scalar_type());
 }
 
-// Thread index for per-thread partial sums; 0 when called from inside another parallel region
-// (at::parallel_for then runs inline on the caller's thread).
-inline int64_t thread_slot(bool nested) {
-  return nested ? 0 : at::get_thread_num();
+// Reductions whose bits do not depend on the thread count. [0, n) is cut into fixed_chunks(n, grain)
+// chunks, a number set by the sizes alone (at most kMaxChunks); one thread sums a chunk in order
+// into its own slot, and the caller adds the slots in chunk order. Per-thread partials (what
+// PyTorch's own CPU reductions do) make a training run's result change with
+// torch.set_num_threads: after a few hundred steps, like another seed.
+constexpr int64_t kMaxChunks = 64;
+inline int64_t fixed_chunks(int64_t n, int64_t grain) {
+  const int64_t g = std::max<int64_t>(grain, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (n + g - 1) / g));
 }
-inline int64_t thread_slots(bool nested) {
-  return nested ? 1 : at::get_num_threads();
+// f(begin, end, chunk) for each chunk of [0, n), in parallel over chunks.
+template <typename F>
+void for_fixed_chunks(int64_t n, int64_t chunks, const F& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      f(c * n / chunks, (c + 1) * n / chunks, c);
+    }
+  });
 }
+
 
 }  // namespace normlab

@@ -239,13 +239,12 @@ void sample_sums(const T* xs, const T* dys, int64_t S, int64_t C, const acc_t<T>
   using A = acc_t<T>;
   constexpr int64_t K = kGrad ? 4 : 2;
   const int64_t Cp = round_up(C, lanes<T>());
-  const bool nested = at::in_parallel_region();
-  const int64_t slots = thread_slots(nested);
-  std::vector<double> part(static_cast<size_t>(slots * K * C), 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
-  at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+  const int64_t slots = fixed_chunks(S, grain);  // the same bits with any thread count
+  std::vector<double> part(static_cast<size_t>(slots * K * C), 0.0);
+  for_fixed_chunks(S, slots, [&](int64_t begin, int64_t end, int64_t slot) {
     std::vector<A> blk(static_cast<size_t>(K * Cp));
-    shifted_sums<T, kGrad>(xs, dys, begin, end, C, shift, blk.data(), part.data() + thread_slot(nested) * K * C);
+    shifted_sums<T, kGrad>(xs, dys, begin, end, C, shift, blk.data(), part.data() + slot * K * C);
   });
   std::fill(sums.begin(), sums.end(), 0.0);
   for (int64_t s = 0; s < slots; ++s) {

@@ -128,10 +128,12 @@ void backward_kernel(
   const V two_over_sqrt_pi(static_cast<A>(1.1283791670955126));
   const int64_t C = g.channels;
   const bool stream = g.outer * C * g.inner * static_cast<int64_t>(sizeof(T)) >= stream_threshold();
-  const bool nested = at::in_parallel_region();
-  const int64_t slots = thread_slots(nested);
   const int64_t Cp = round_up(C, L);
-  // Per-thread partials: dw, db (per channel, padded) and the scalar sums as vectors.
+  // Partials per fixed chunk (the same bits with any thread count): dw, db (per channel, padded)
+  // and the scalar sums.
+  const int64_t tasks = g.inner == 1 ? g.outer : g.outer * C;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (g.inner == 1 ? C : g.inner));
+  const int64_t slots = fixed_chunks(tasks, grain);
   std::vector<A> part_wb(static_cast<size_t>(slots * 2 * Cp), A(0));
   std::vector<double> part_s(static_cast<size_t>(slots * 2), 0.0);
 
@@ -158,9 +160,7 @@ void backward_kernel(
   };
 
   if (g.inner == 1) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / C);
-    at::parallel_for(0, g.outer, grain, [&](int64_t begin, int64_t end) {
-      const int64_t slot = thread_slot(nested);
+    for_fixed_chunks(tasks, slots, [&](int64_t begin, int64_t end, int64_t slot) {
       A* pw = part_wb.data() + slot * 2 * Cp;
       A* pb = pw + Cp;
       V acc_a(A(0)), acc_s(A(0));
@@ -186,9 +186,7 @@ void backward_kernel(
     });
   } else {
     const int64_t n = g.inner;
-    const int64_t grain = std::max<int64_t>(1, 16384 / n);
-    at::parallel_for(0, g.outer * C, grain, [&](int64_t begin, int64_t end) {
-      const int64_t slot = thread_slot(nested);
+    for_fixed_chunks(tasks, slots, [&](int64_t begin, int64_t end, int64_t slot) {
       A* pw = part_wb.data() + slot * 2 * Cp;
       A* pb = pw + Cp;
       for (int64_t p = begin; p < end; ++p) {

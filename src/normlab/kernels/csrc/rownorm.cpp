@@ -162,13 +162,12 @@ void backward_rows(
   using A = acc_t<T>;
   constexpr int64_t L = lanes<T>();
   const int64_t np = round_up(n, L);
-  const bool nested = at::in_parallel_region();
-  const int64_t slots = thread_slots(nested);
-  std::vector<A> part(static_cast<size_t>(slots * 2 * np), A(0));
   const int64_t grain = std::max<int64_t>(1, 8192 / n);
+  const int64_t slots = fixed_chunks(rows, grain);  // dw, db: the same bits with any thread count
+  std::vector<A> part(static_cast<size_t>(slots * 2 * np), A(0));
   const bool stream = rows * n * static_cast<int64_t>(sizeof(T)) >= stream_threshold();
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    A* pw = part.data() + thread_slot(nested) * 2 * np;
+  for_fixed_chunks(rows, slots, [&](int64_t begin, int64_t end, int64_t slot) {
+    A* pw = part.data() + slot * 2 * np;
     A* pb = pw + np;
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
@@ -247,8 +246,11 @@ void backward_rows(
 // in block-long arrays (so memory is read in long contiguous runs, which the prefetchers follow),
 // then the block is swept again to write. Blocks are as long as the parallelism allows (a whole
 // sample when there are 2 samples per thread), up to 4096 positions.
-inline int64_t cf_block(int64_t N, int64_t S, int64_t lanes_) {
-  const int64_t split = std::max<int64_t>(1, (2 * at::get_num_threads() + N - 1) / N);
+// The backward sizes its blocks for kCfFixedThreads threads whatever the machine has, so that its
+// weight gradient does not depend on the thread count.
+constexpr int64_t kCfFixedThreads = 16;
+inline int64_t cf_block(int64_t N, int64_t S, int64_t lanes_, int64_t threads = at::get_num_threads()) {
+  const int64_t split = std::max<int64_t>(1, (2 * threads + N - 1) / N);
   return std::min<int64_t>(round_up(std::max<int64_t>((S + split - 1) / split, 1), lanes_), 4096);
 }
 
@@ -389,17 +391,17 @@ void backward_cf_rows(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int6
   using A = acc_t<T>;
   using Vec = V<T>;
   constexpr int64_t L = lanes<T>();
-  const int64_t block = cf_block(N, S, L);
+  // blocks and chunks set by the sizes alone: dw, db are the same bits with any thread count
+  const int64_t block = cf_block(N, S, L, kCfFixedThreads);
   const int64_t blocks = (S + block - 1) / block;
   const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= stream_threshold();
-  const bool nested = at::in_parallel_region();
-  const int64_t slots = thread_slots(nested);
+  const int64_t slots = fixed_chunks(N * blocks, 1);
   std::vector<double> part(static_cast<size_t>(slots * 2 * C), 0.0);
   const Vec inv_c(static_cast<A>(1.0 / static_cast<double>(C)));
   const Vec eps_v(static_cast<A>(eps));
   const Vec zero(A(0));
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    double* pw = part.data() + thread_slot(nested) * 2 * C;
+  for_fixed_chunks(N * blocks, slots, [&](int64_t begin, int64_t end, int64_t slot) {
+    double* pw = part.data() + slot * 2 * C;
     double* pb = pw + C;
     std::vector<A> buf(static_cast<size_t>(9 * block));
     A* k = buf.data();
