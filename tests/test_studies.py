@@ -184,10 +184,11 @@ def test_claims_must_select_runs() -> None:
 def test_quick_study_is_well_formed() -> None:
     study = get_study("quick")
     specs = study.specs(StudyOptions())
-    assert len(specs) == 12 and len({s.cell for s in specs}) == 6
+    assert len(specs) == 18 and len({s.cell for s in specs}) == 6  # 3 seeds to start with
+    assert study.resolve(StudyOptions()).max_seeds == 8
     assert {s.config.kind for s in specs} == {"lm", "image"}
     scaled = study.specs(StudyOptions(scale=0.1, seeds=1))
-    assert len(scaled) == 6 and max(s.config.train.steps for s in scaled) == 50
+    assert len(scaled) == 6 and max(s.config.train.steps for s in scaled) == 300
     json.dumps([c.to_dict() for c in study.claims])
     summary = {"probe": {"resid_var": [0.001, 0.5, 1.0, 2.0]}}
     assert resid_var_growth([], summary) == pytest.approx(math.log(4.0))

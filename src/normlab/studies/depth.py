@@ -281,6 +281,7 @@ STUDY = register_study(
             "loss_spikes": loss_spikes,
         },
         default_seeds=2,
+        max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
         sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
         budget="about 6 min on 2 idle cores with --jobs 2 (32 runs, ~12 CPU-min)",
     )

@@ -519,9 +519,9 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
     if results.get("robust"):
         rob = results["robust"]
         marks = [c["robust"]["mark"] for c in results["claims"] if "robust" in c]
-        counts = ", ".join(f"{marks.count(m)} {m}" for m in ("robust", "not robust", "same data"))
+        tally = ", ".join(f"{marks.count(m)} {m}" for m in ("robust", "not robust", "same data"))
         lines += ["", f"Robustness (`--robust`): the same plan on corpus `{rob['corpus2']}` (in "
-                  f"`{rob['dir']}/`, its own report there): {counts}. A claim is robust when both "
+                  f"`{rob['dir']}/`, its own report there): {tally}. A claim is robust when both "
                   "corpora give the same verdict; *same data*: its runs read no text, so the "
                   "corpus cannot test it."]  # fmt: skip
     if results.get("sequential") and results["claims"]:
@@ -558,6 +558,10 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
         "",
         f"- data: {', '.join(data) or 'n/a'}",
         f"- training time, summed over runs: {wall:.0f} s; torch threads per run: {threads or 'n/a'}",
+        "- thread count: normlab's fused kernels sum their gradients in an order set by the sizes, "
+        "so a GPT on normlab's layers trains to the same bits at any `--jobs`/`--threads`; torch's "
+        "conv and small-batch linear weight gradients are summed per thread, so an image run at "
+        "another thread count is like another draw of its seed",
         f"- normlab fused kernels in the runs: {', '.join(kernels) or 'n/a'}",
         *(f"- {k}: {v}" for k, v in env.items()),
         f"- options: {json.dumps(results['options'])}",

@@ -52,17 +52,17 @@ def shared_keys(study: Study, options: StudyOptions, options2: StudyOptions) -> 
 
 
 def compare(
-    results: Mapping[str, Any], results2: Mapping[str, Any], *, shared: set[str], corpora: tuple[str, str]
+    results: Mapping[str, Any], results2: Mapping[str, Any], *, same_data: set[str], corpora: tuple[str, str]
 ) -> dict[str, Any]:
-    """``robust.json``: each claim's verdict on both corpora and its mark."""
+    """``robust.json``: each claim's verdict on both corpora and its mark (``same_data``: the ids
+    of the claims whose runs read no text)."""
     second = {c["id"]: c for c in results2["claims"]}
     claims = {}
     for c in results["claims"]:
         other = second.get(c["id"])
         if other is None:
             continue
-        keys = {k for k, r in results["runs"].items() if r["status"] == "finished" and _in_claim(c, r)}
-        if keys and keys <= shared:
+        if c["id"] in same_data:
             mark = SAME_DATA
         else:
             mark = ROBUST if other["verdict"] == c["verdict"] else NOT_ROBUST
@@ -77,13 +77,17 @@ def compare(
     return {"corpus": corpora[0], "corpus2": corpora[1], "dir": ROBUST_DIR, "claims": claims}
 
 
-def _in_claim(claim: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
-    return any(
-        side is not None
-        and run["group"] == side["group"]
-        and all(run["params"].get(k) == v for k, v in side["where"].items())
-        for side in (claim["a"], claim["b"])
-    )
+def same_data_claims(study: Study, options: StudyOptions, options2: StudyOptions) -> set[str]:
+    """Ids of the claims all of whose runs have the same config on both corpora."""
+    shared = shared_keys(study, options, options2)
+    specs = study.specs(options)
+    out = set()
+    for claim in study.claims:
+        sides = [side for side in (claim.a, claim.b) if side is not None]
+        keys = {s.key for s in specs if any(side.selects(s.group, s.params) for side in sides)}
+        if keys and keys <= shared:
+            out.add(claim.id)
+    return out
 
 
 def run_robust(
@@ -117,7 +121,8 @@ def run_robust(
     if shared:
         echo(f"{len(shared)} run(s) read no text: their finished runs are copied, not retrained")
     results2 = run_study(study, out2, options=options2, resume=resume, echo=echo, reuse=out, **run_kwargs)
-    robust = compare(results, results2, shared=shared, corpora=(options.corpus, corpus))
+    same = same_data_claims(study, full, full2)
+    robust = compare(results, results2, same_data=same, corpora=(options.corpus, corpus))
     write_json(out / ROBUST_FILE, robust)
     failed = {**results.get("failed_runs", {}), **results2.get("failed_runs", {})}
     results = write_report(out, study=study, plots=run_kwargs.get("plots", True))

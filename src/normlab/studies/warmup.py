@@ -244,6 +244,7 @@ STUDY = register_study(
         plots=_plots(),
         metrics={"last_fc2_grad_at_init": last_fc2_grad_at_init, "loss_spikes": loss_spikes},
         default_seeds=2,
+        max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
         sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
         budget="about 5 min on 2 idle cores with --jobs 2 (24 runs, ~10 CPU-min)",
     )
