@@ -333,6 +333,32 @@ def test_gradients_are_the_same_bits_with_any_thread_count(
         assert torch.equal(a, b), f"{name}: d{what} changes with the thread count"
 
 
+def test_a_gpt_trains_to_the_same_bits_with_1_and_2_threads() -> None:
+    """The study runner's promise for language models: --jobs and --threads change the speed of a
+    run, not its numbers (with per-thread partials the first backward already differed)."""
+    from normlab.models.gpt import GPT, GPTConfig
+
+    def train(threads: int) -> list[Tensor]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_embd=64, n_head=4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(3):
+                x, y = torch.randint(0, 64, (2, 16, 32), generator=gen)
+                opt.zero_grad()
+                model(x, y).loss.backward()
+                opt.step()
+        finally:
+            torch.set_num_threads(previous)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(1), train(2), strict=True):
+        assert torch.equal(a, b)
+
+
 ADD_NORMS: list[Callable[..., tuple[Tensor, Tensor]]] = [
     lambda x, r, w, b: NF.add_layer_norm(x, r, (48,), w, b, 1e-5),
     lambda x, r, w, b: NF.add_rms_norm(x, r, (48,), w, b, 1e-6),
