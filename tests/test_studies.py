@@ -337,3 +337,18 @@ def test_cli_missing_data_is_one_clear_line(
     assert not (out / "plan.json").exists()  # nothing planned, nothing to resume
     assert main(["study", "nosuchstudy"]) == 2
     assert "unknown study 'nosuchstudy'" in capsys.readouterr().err
+
+
+def test_every_study_has_a_base_rung_that_changes_its_model() -> None:
+    """``--size base``: the papers' regime, a wider model and more steps than ``small``."""
+    from normlab.studies import Size, list_studies
+
+    for name in list_studies():
+        study = get_study(name)
+        assert {"small", "base"} <= set(study.sizes), name
+        small, base = study.specs(StudyOptions(size="small")), study.specs(StudyOptions(size="base"))
+        assert [s.key for s in small] == [s.key for s in base], name
+        assert isinstance(study.sizes["base"], Size) and study.sizes["base"].note, name
+        for a, b in zip(small, base, strict=True):
+            assert b.config.train.steps >= a.config.train.steps, a.key
+            assert b.config.to_dict()["task"] != a.config.to_dict()["task"], a.key  # a wider model

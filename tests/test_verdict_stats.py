@@ -377,8 +377,8 @@ def test_cli_seeds_cap_and_size_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "max_seeds must be an int >= 2" in capsys.readouterr().err
     assert main(["study", "quick", "--size", "huge", "--out", str(out)]) == 2
     assert "size must be one of tiny, small, base, got 'huge'" in capsys.readouterr().err
-    assert main(["study", "quick", "--size", "base", "--out", str(out)]) == 2
-    assert "study 'quick' has no size 'base': it defines" in capsys.readouterr().err
+    assert main(["study", "dyt", "--size", "tiny", "--out", str(out)]) == 2
+    assert "study 'dyt' has no size 'tiny': it defines small, base" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -388,10 +388,11 @@ def test_size_names_a_scale_the_study_defines(capsys: pytest.CaptureFixture[str]
     assert [s.config for s in tiny] == [s.config for s in quick.specs(StudyOptions(seeds=1, scale=0.1))]
     both = quick.specs(StudyOptions(seeds=1, size="tiny", scale=0.5))  # size and scale multiply
     assert [s.config for s in both] == [s.config for s in quick.specs(StudyOptions(seeds=1, scale=0.05))]
-    with pytest.raises(ValueError, match="study 'dyt' has no size 'tiny': it defines small"):
+    with pytest.raises(ValueError, match="study 'dyt' has no size 'tiny': it defines small, base"):
         get_study("dyt").specs(StudyOptions(size="tiny"))
     assert main(["study", "list"]) == 0
-    assert "--size: tiny (scale 0.1), small (scale 1)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--size: tiny (scale 0.1); small (scale 1); base (scale 12.5, model.n_embd=256" in printed
 
 
 def test_a_plan_with_the_former_k_rule_is_reported_with_the_interval_rule(

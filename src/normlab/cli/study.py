@@ -40,7 +40,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         rows = []
         for name in list_studies():
             study = get_study(name)
-            sizes = ", ".join(f"{k} (scale {v:g})" for k, v in study.sizes.items())
+            sizes = "; ".join(f"{k} ({study.size(k).describe()})" for k in study.sizes)
             rows.append((name, len(study.claims), study.budget, study.title, sizes))
         width = max(len(r[0]) for r in rows)
         for name, n_claims, budget, title, sizes in rows:

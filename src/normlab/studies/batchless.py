@@ -62,6 +62,7 @@ from normlab.studies.framework import (
     RunSpec,
     Side,
     Similar,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -316,6 +317,14 @@ STUDY = register_study(
             "accum_grad_rel_err": _probe_metric("accum_grad_rel_err"),
         },
         default_seeds=2,
+        sizes={
+            "small": 1.0,
+            "base": Size(
+                scale=4.0,
+                sets=(("model.widths", [32, 64, 64]),),
+                note="CNN widths 32/64/64, 4x the steps; about 1 GPU-hour, estimated, not yet run",
+            ),
+        },
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
         budget="about 2 min on 2 idle cores with --jobs 2 (3 CPU-minutes)",
     )

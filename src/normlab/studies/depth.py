@@ -45,6 +45,7 @@ from normlab.studies.framework import (
     PlotSpec,
     RunSpec,
     Side,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -282,7 +283,20 @@ STUDY = register_study(
         },
         default_seeds=2,
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
+        sizes={
+            "tiny": 0.005,  # the scale of its tests
+            "small": 1.0,
+            "base": Size(
+                scale=12.5,
+                sets=(
+                    ("model.n_embd", 256),
+                    ("model.n_head", 8),
+                    ("train.block_size", 128),
+                ),
+                note="4 and 12 blocks of width 256 over 128 characters, 5,000 steps; about 1 GPU-hour, "
+                "estimated, not yet run",
+            ),
+        },
         budget="about 6 min on 2 idle cores with --jobs 2 (32 runs, ~12 CPU-min)",
     )
 )

@@ -64,6 +64,7 @@ from normlab.studies.framework import (
     RunSpec,
     Side,
     Similar,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -227,6 +228,18 @@ STUDY = register_study(
         ),
         metrics={"alpha_inv_std_r": alpha_inv_std_r},
         default_seeds=2,
+        sizes={
+            "small": 1.0,
+            "base": Size(
+                scale=8.0,
+                sets=(
+                    ("model.n_embd", 256),
+                    ("model.n_head", 8),
+                    ("train.block_size", 128),
+                ),
+                note="width 256 over 128 characters, 8x the steps; about 1 GPU-hour, estimated, not yet run",
+            ),
+        },
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
         budget="about 3 min on 2 idle cores with --jobs 2 (4 CPU-minutes)",
     )

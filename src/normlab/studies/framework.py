@@ -666,6 +666,25 @@ class PlotSpec:
 MetricFn = Callable[[Records, Mapping[str, Any]], float | None]
 
 
+@dataclass(frozen=True)
+class Size:
+    """A rung of a study's ``--size`` ladder: every run's steps times ``scale``, then ``sets``
+    (``--set``-style overrides, ``("model.n_embd", 256)``) applied to every run whose task or model
+    has that setting (a GPT's width leaves a CNN alone); ``note`` says what the rung is for."""
+
+    scale: float = 1.0
+    sets: tuple[tuple[str, Any], ...] = ()
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"Size: scale must be a finite number > 0, got {self.scale!r}")
+
+    def describe(self) -> str:
+        parts = [f"scale {self.scale:g}", *(f"{k}={v!r}" for k, v in self.sets)]
+        return ", ".join(parts) + (f": {self.note}" if self.note else "")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Study:
     """A registered study.
@@ -680,8 +699,9 @@ class Study:
         default_seeds: seeds per cell to start with when ``--seeds`` is not given.
         max_seeds: the cap of sequential seeding when ``--max-seeds`` is not given (``None``:
             the start seeds, a fixed number); at least 2.
-        sizes: the scales ``--size`` names (``{"tiny": 0.01, "small": 1.0}``); a size a study
-            does not define is an error naming those it does.
+        sizes: the rungs ``--size`` names: a scale of the steps (``{"tiny": 0.01, "small": 1.0}``)
+            or a :class:`Size` (a scale and the settings it changes, e.g. a wider model for
+            ``base``); a size a study does not define is an error naming those it does.
         budget: the expected wall time, said in ``normlab study list``.
         rank: rank the cells by a metric in the report: ``{"metric": ..., "lower_is_better":
             ...}`` (user studies; ``None``: no ranking).
@@ -698,7 +718,7 @@ class Study:
     metrics: Mapping[str, MetricFn] = field(default_factory=dict)
     default_seeds: int = 2
     max_seeds: int | None = None
-    sizes: Mapping[str, float] = field(default_factory=lambda: {"small": 1.0})
+    sizes: Mapping[str, float | Size] = field(default_factory=lambda: {"small": 1.0})
     budget: str = ""
     rank: Mapping[str, Any] | None = None
     source: Mapping[str, Any] | None = None
@@ -710,8 +730,14 @@ class Study:
                 f"{self.default_seeds}, got {self.max_seeds!r}"
             )
         unknown = sorted(set(self.sizes) - set(SIZES))
-        if unknown or not all(math.isfinite(v) and v > 0 for v in self.sizes.values()):
+        scales = [v.scale if isinstance(v, Size) else v for v in self.sizes.values()]
+        if unknown or not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in scales):
             raise ValueError(f"study {self.name!r}: sizes are {SIZES}, scales > 0; got {dict(self.sizes)}")
+
+    def size(self, name: str) -> Size:
+        """The rung ``name`` of the ladder as a :class:`Size`."""
+        value = self.sizes[name]
+        return value if isinstance(value, Size) else Size(scale=float(value))
 
     def resolve(self, options: StudyOptions) -> StudyOptions:
         """``options`` with ``seeds`` (the start) and ``max_seeds`` (the cap; ``None`` when it is the
@@ -734,9 +760,11 @@ class Study:
         ``max_seeds``), ``size`` applied to ``scale``, and ``options.sets`` applied (a TOML study
         applied them to its text already); keys are checked to be unique."""
         options = self.resolve(options)
-        if options.size is not None:
-            options = dataclasses.replace(options, scale=options.scale * self.sizes[options.size])
+        rung = self.size(options.size) if options.size is not None else Size()
+        options = dataclasses.replace(options, scale=options.scale * rung.scale)
         specs = self.grid(options)
+        if rung.sets:
+            specs = apply_to_specs(specs, rung.sets, study=f"{self.name} --size {options.size}")
         if options.sets and not (self.source and self.source.get("format") == "toml"):
             specs = apply_to_specs(specs, options.sets, study=self.name)
         keys = [s.key for s in specs]

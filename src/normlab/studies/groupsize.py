@@ -55,6 +55,7 @@ from normlab.studies.framework import (
     PlotSpec,
     RunSpec,
     Side,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -294,7 +295,15 @@ STUDY = register_study(
         metrics={"act_corr": act_corr, "grad_ratio": grad_ratio},
         default_seeds=2,
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        sizes={"tiny": 0.01, "small": 1.0},  # tiny: the scale of its tests
+        sizes={
+            "tiny": 0.01,  # the scale of its tests
+            "small": 1.0,
+            "base": Size(
+                scale=4.0,
+                sets=(("model.widths", [32, 64, 128]),),
+                note="CNN widths 32/64/128, 4x the steps; about 1 GPU-hour, estimated, not yet run",
+            ),
+        },
         budget="about 4 min on 2 idle cores with --jobs 2 (30 runs)",
     )
 )

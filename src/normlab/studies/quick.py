@@ -44,6 +44,7 @@ from normlab.studies.framework import (
     PlotSpec,
     RunSpec,
     Side,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -214,7 +215,21 @@ STUDY = register_study(
         metrics={"resid_var_growth": resid_var_growth},
         default_seeds=3,
         max_seeds=8,
-        sizes={"tiny": 0.1, "small": 1.0},  # tiny: the scale of its tests
+        sizes={
+            "tiny": 0.1,  # the scale of its tests
+            "small": 1.0,
+            "base": Size(
+                scale=12.5,
+                sets=(
+                    ("model.n_embd", 256),
+                    ("model.n_head", 8),
+                    ("train.block_size", 128),
+                    ("model.widths", [32, 64, 128]),
+                ),
+                note="GPT width 256 over 128 characters, 5,000 steps; CNN widths 32/64/128, 37,500 "
+                "steps; about 1 GPU-hour, estimated, not yet run",
+            ),
+        },
         budget="about 4 min on 2 cores with --jobs 2 (3 to 8 seeds a cell)",
     )
 )

@@ -51,6 +51,7 @@ from normlab.studies.framework import (
     RunSpec,
     Side,
     Similar,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -251,7 +252,16 @@ STUDY = register_study(
         ),
         default_seeds=2,
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        sizes={"tiny": 1 / 64, "small": 1.0},  # tiny: the scale of its tests
+        sizes={
+            "tiny": 1 / 64,  # the scale of its tests
+            "small": 1.0,
+            "base": Size(
+                scale=4.0,
+                sets=(("model.arch", "resnet"), ("model.widths", [32, 64, 128])),
+                note="a CIFAR-style ResNet (BasicBlocks, widths 32/64/128), 4x the epochs; about 1 "
+                "GPU-hour, estimated, not yet run",
+            ),
+        },
         budget="about 8 min on 2 idle cores with --jobs 2 (64 runs)",
     )
 )

@@ -44,6 +44,7 @@ from normlab.studies.framework import (
     RunSpec,
     Side,
     Similar,
+    Size,
     Study,
     StudyOptions,
     grid,
@@ -245,7 +246,20 @@ STUDY = register_study(
         metrics={"last_fc2_grad_at_init": last_fc2_grad_at_init, "loss_spikes": loss_spikes},
         default_seeds=2,
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        sizes={"tiny": 0.005, "small": 1.0},  # tiny: the scale of its tests
+        sizes={
+            "tiny": 0.005,  # the scale of its tests
+            "small": 1.0,
+            "base": Size(
+                scale=10.0,
+                sets=(
+                    ("model.n_embd", 256),
+                    ("model.n_head", 8),
+                    ("train.block_size", 128),
+                ),
+                note="width 256 over 128 characters, 5,000 steps (warm-ups 250 / 1,250); about 1 GPU-hour, "
+                "estimated, not yet run",
+            ),
+        },
         budget="about 5 min on 2 idle cores with --jobs 2 (24 runs, ~10 CPU-min)",
     )
 )
