@@ -10,7 +10,8 @@ averages of those in evaluation.
 
 Images (Fashion-MNIST, or the MNIST-5k fallback): a plain CNN (3 conv layers of widths 16, 32,
 32, a norm after each, ReLU), Adam lr 1e-3 with a cosine decay to 0.1x, effective batch 32,
-300 steps on a fixed 20,000-image subset, 2 seeds. Batchless (its default init ``mean = 0,
+300 steps on a fixed 20,000-image subset, 2 seeds (up to 4 while a claim is inconclusive).
+Batchless (its default init ``mean = 0,
 std = 1``: the training loop has no data-dependent init step) and BatchNorm each train at
 micro-batch 32 (one batch) and 1 (``accum_steps=32``); GroupNorm (8 groups) at batch 32 is a
 per-sample reference (at micro-batch 1 it trains the same model, as the pilot showed).
@@ -326,6 +327,6 @@ STUDY = register_study(
             ),
         },
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        budget="about 2 min on 2 idle cores with --jobs 2 (3 CPU-minutes)",
+        budget="about 2 min on 2 cores with --jobs 2 (10-11 runs, 2 to 4 seeds a cell)",
     )
 )

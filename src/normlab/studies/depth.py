@@ -3,7 +3,8 @@
 Shakespeare, char-level; a GPT of width 64 (4 heads), windows of 32 characters, 16 windows a
 step, 400 AdamW steps (0.9, 0.98), lr 1e-3 with a linear warm-up over the first 10% of the steps
 then a cosine decay to 0.1x (the Curse-of-Depth recipe, Sun et al. 2025, arXiv:2502.05795,
-scaled down), no clipping, 2 seeds. Eight architectures (the param ``arch``), at 4 and at 12
+scaled down), no clipping, 2 seeds (up to 4 while a claim is inconclusive). Eight architectures
+(the param ``arch``), at 4 and at 12
 blocks (the groups ``L4`` and ``L12``):
 
 - ``pre``: Pre-LN (Xiong et al. 2020, arXiv:2002.04745); ``lns``: Pre-LN + LayerNorm Scaling
@@ -270,7 +271,7 @@ STUDY = register_study(
             "At 4 and 12 blocks, which placements train, which reach the lowest loss, and do the "
             "deep blocks of Pre-LN still matter (the Curse of Depth)? A CPU-sized echo of Sun et "
             "al. 2025, Wang et al. 2022 (DeepNet), Takase et al. 2022 (B2T) and Li et al. 2025 "
-            "(Mix-LN), 2 seeds per cell."
+            "(Mix-LN), 2 to 4 seeds per cell."
         ),
         grid=_grid,
         claims=CLAIMS,
@@ -297,6 +298,6 @@ STUDY = register_study(
                 "estimated, not yet run",
             ),
         },
-        budget="about 6 min on 2 idle cores with --jobs 2 (32 runs, ~12 CPU-min)",
+        budget="about 15 min on 2 cores with --jobs 2 (32-64 runs, 2 to 4 seeds a cell)",
     )
 )

@@ -8,7 +8,8 @@ training ``alpha`` tracks ``1/std`` of the layer's input (Fig. 8).
 
 Language model (Shakespeare, char-level): a 6-block Pre-LN GPT of width 64, 4 heads, windows of
 32 characters, batch 16, AdamW (betas 0.9/0.95), cosine decay to 0.1x after a short warm-up,
-2 seeds. Five cells differ only in the norm of every norm slot (both per block and the final
+2 seeds (up to 4 while a claim is inconclusive). Five cells differ only in the norm of every norm
+slot (both per block and the final
 one): ``layernorm``; ``rmsnorm``; ``dyt``: the LLaMA recipe (learned embedding scalar
 initialised to ``sqrt(d)``, ``GPTConfig.embed_scale``) with ``alpha0 = 1 / (sqrt(d) *
 init_std) = 6.25``, see below; ``dyt-frozen``: the same with ``alpha`` fixed at its init
@@ -218,7 +219,7 @@ STUDY = register_study(
         question=(
             "Does DyT train a Pre-LN GPT as well as LayerNorm and RMSNorm, are its tanh and its "
             "learned alpha both needed, and does alpha track 1/std of its input? "
-            "Zhu et al. 2025 on Shakespeare characters, 2 seeds per cell."
+            "Zhu et al. 2025 on Shakespeare characters, 2 to 4 seeds per cell."
         ),
         grid=_grid,
         claims=CLAIMS,
@@ -241,6 +242,6 @@ STUDY = register_study(
             ),
         },
         max_seeds=4,  # sequential seeding: a claim still inconclusive gets up to 4 seeds a cell
-        budget="about 3 min on 2 idle cores with --jobs 2 (4 CPU-minutes)",
+        budget="about 5 min on 2 cores with --jobs 2 (10-20 runs, 2 to 4 seeds a cell)",
     )
 )

@@ -10,7 +10,8 @@ size shrinks, the gradient norms of the earlier layers grow relative to the late
 makes InstanceNorm unstable. Mid-size groups sit between the two.
 
 Grid (the quick study's plain CNN: 6 convs, widths 16/32/64, on Fashion-MNIST or the MNIST-5k
-fallback), 2 seeds per cell. GroupNorm with a fixed number of channels per group in every
+fallback), 2 seeds per cell (up to 4 while a claim is inconclusive). GroupNorm with a fixed
+number of channels per group in every
 layer (``norm_kwargs={"group_size": g}``, Lubana et al.'s ``p_grouping < 1``): g = 1
 (InstanceNorm), 2, 4, 8, 16, and LayerNorm (the whole layer, ``group_size`` ``None`` in the
 grid; g = 16 is LayerNorm in the first two convs).
@@ -304,6 +305,6 @@ STUDY = register_study(
                 note="CNN widths 32/64/128, 4x the steps; about 1 GPU-hour, estimated, not yet run",
             ),
         },
-        budget="about 4 min on 2 idle cores with --jobs 2 (30 runs)",
+        budget="about 6 min on 2 cores with --jobs 2 (30-60 runs, 2 to 4 seeds a cell)",
     )
 )

@@ -2,7 +2,8 @@
 
 BatchNorm, GroupNorm, LayerNorm, InstanceNorm, Batchless, BLN, CBN and MBN in the quick study's
 plain CNN (6 convs, widths 16/32/64) on Fashion-MNIST (or the MNIST-5k fallback), at batch
-sizes 2, 8, 32 and 64, 2 seeds per cell. Every run sees the same images: 2 epochs of a fixed
+sizes 2, 8, 32 and 64, 2 seeds per cell (up to 4 while a claim is inconclusive). Every run sees
+the same images: 2 epochs of a fixed
 1,024-image training subset (2,048 images; 1,024 steps at batch 2, 32 at batch 64), as the
 GroupNorm paper compares batch sizes at equal epochs with the learning rate scaled linearly
 with the batch (Wu & He 2018, arXiv:1803.08494, Sec. 4.1; Goyal et al. 2017): SGD with
@@ -262,6 +263,6 @@ STUDY = register_study(
                 "GPU-hour, estimated, not yet run",
             ),
         },
-        budget="about 8 min on 2 idle cores with --jobs 2 (64 runs)",
+        budget="about 9 min on 2 cores with --jobs 2 (64-128 runs, 2 to 4 seeds a cell)",
     )
 )

@@ -9,7 +9,8 @@ while Pre-LN's shrink as ``1/sqrt(L)``.
 Shakespeare, char-level; a 6-block GPT of width 64 (4 heads), windows of 32 characters, 16
 windows a step, 500 AdamW steps with Xiong et al.'s betas (0.9, 0.98), no clipping; grid
 {Post-LN, Pre-LN} x lr {1e-3, 3e-3} x warm-up {0, 25, 125} steps (0, 5% and 25% of the run,
-Xiong et al.'s 1 / 500 / 4,000 scaled down), 2 seeds: 24 runs. The schedule is a linear
+Xiong et al.'s 1 / 500 / 4,000 scaled down), 2 seeds (up to 4 while a claim is inconclusive): 24
+to 48 runs. The schedule is a linear
 warm-up then a cosine decay to 0.1x for every cell (Xiong et al. decay with ``1/sqrt(t)``
 after the warm-up; with no warm-up that decay would shrink the lr tenfold within 100 steps, so
 it would confound the two), so the warm-up length is the only difference between cells.
@@ -238,7 +239,7 @@ STUDY = register_study(
         title="Post-LN vs Pre-LN with and without a learning-rate warm-up",
         question=(
             "Xiong et al. 2020: does Post-LN need a warm-up at a high lr, and does Pre-LN train as "
-            "well without one? A CPU-sized echo: 6 blocks, 500 steps, 2 lrs x 3 warm-ups, 2 seeds."
+            "well without one? A CPU-sized echo: 6 blocks, 500 steps, 2 lrs x 3 warm-ups, 2 to 4 seeds."
         ),
         grid=_grid,
         claims=CLAIMS,
@@ -260,6 +261,6 @@ STUDY = register_study(
                 "estimated, not yet run",
             ),
         },
-        budget="about 5 min on 2 idle cores with --jobs 2 (24 runs, ~10 CPU-min)",
+        budget="about 8 min on 2 cores with --jobs 2 (24-48 runs, 2 to 4 seeds a cell)",
     )
 )
