@@ -25,6 +25,9 @@ from normlab.train import ImageTask, LMTask, RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread_plain_torch")
 
+# the grid with its 2 start seeds and no sequential seeding (tested in test_verdict_stats)
+FIXED_SEEDS = StudyOptions(max_seeds=2)
+
 
 @pytest.fixture
 def data_dir(data_dir: Path) -> Path:
@@ -225,7 +228,9 @@ def test_dyt_study_end_to_end_on_a_toy_text(tmp_path: Path, data_dir: Path) -> N
 
     study = dataclasses.replace(get_study("dyt"), grid=small_grid)
     out = tmp_path / "dyt"
-    results = run_study(study, out, data_dir=data_dir, progress=False, plots=False, echo=lambda s: None)
+    results = run_study(
+        study, out, options=FIXED_SEEDS, data_dir=data_dir, progress=False, plots=False, echo=lambda s: None
+    )
     assert results["run_counts"] == {"finished": 10, "unfinished": 0, "failed": 0}
     assert [c["id"] for c in results["claims"]] == [c.id for c in study.claims]
     cells = results["cells"]
@@ -257,7 +262,9 @@ def test_batchless_study_end_to_end_on_toy_images(tmp_path: Path, data_dir: Path
     claims = tuple(c for c in bl_study.CLAIMS if "groupnorm" not in str(c.to_dict()))
     study = dataclasses.replace(get_study("batchless"), grid=small_grid, claims=claims)
     out = tmp_path / "batchless"
-    results = run_study(study, out, data_dir=data_dir, progress=False, plots=False, echo=lambda s: None)
+    results = run_study(
+        study, out, options=FIXED_SEEDS, data_dir=data_dir, progress=False, plots=False, echo=lambda s: None
+    )
     assert results["run_counts"] == {"finished": 8, "unfinished": 0, "failed": 0}
     metrics = {k: v["metrics"] for k, v in results["cells"].items()}
     whole, micro1 = metrics["img.norm-batchless.micro-4"], metrics["img.norm-batchless.micro-1"]

@@ -322,7 +322,7 @@ def test_small_batch_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         ),
         {"gn-beats-bn-batch2", "bln-beats-bn-batch2", "mbn-beats-bn-batch2", "cbn-beats-bn-batch2"},
     )
-    options = StudyOptions(scale=1 / 64, images="fashion-mnist")  # 16 training images, 2 epochs
+    options = StudyOptions(scale=1 / 64, images="fashion-mnist", max_seeds=2)  # 16 images, 2 epochs
     results = run_study(
         study, tmp_path / "out", options=options, data_dir=data_dir, progress=False, echo=lambda s: None
     )
@@ -338,7 +338,7 @@ def test_groupsize_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         lambda s: s.params["group_size"] in (1, 4, None),
         {c.id for c in get_study("groupsize").claims} - {"corr-rises-with-size"},
     )
-    options = StudyOptions(scale=0.01, images="fashion-mnist")  # 3 training steps
+    options = StudyOptions(scale=0.01, images="fashion-mnist", max_seeds=2)  # 3 training steps
     results = run_study(
         study,
         tmp_path / "out",
