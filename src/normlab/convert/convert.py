@@ -20,6 +20,7 @@ from normlab.convert.detect import (
     TOKEN_KINDS,
     NormInfo,
     UnsupportedNormError,
+    forward_example,
     probe_input,
     probe_tolerance,
     read_norm,
@@ -615,16 +616,8 @@ def record_inputs(model: nn.Module, example: Any) -> dict[int, Tensor]:
 
     leaves = [m for m in model.modules() if not m._modules]
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in leaves]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example, Mapping):
-                model(**example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
+        forward_example(model, example)
     except Exception as e:
         raise ValueError(
             f"convert_norms: the model's forward on example= failed ({type(e).__name__}: {e})"
@@ -632,8 +625,6 @@ def record_inputs(model: nn.Module, example: Any) -> dict[int, Tensor]:
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return seen
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -406,3 +408,22 @@ def _probe(candidates: list[NormInfo], input_shape: tuple[int, ...] | None = Non
         f"{len(info.shape)} dim(s) of size {info.shape}, weight w or 1 + w, eps={info.eps}, "
         f"channels_first={info.channels_first}; smallest max difference {worst:.3g})"
     )
+
+
+def forward_example(model: nn.Module, example: Any) -> None:
+    """``model(example)`` (a mapping as keywords, a tuple as positional arguments) in eval mode
+    without gradients, every module's training mode restored after: what the conversion guard
+    and the traced roles watch through their hooks."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example, Mapping):
+                model(**example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        for m, mode in modes:
+            m.training = mode

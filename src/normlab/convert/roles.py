@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.convert.detect import UnsupportedNormError, read_norm
+from normlab.convert.detect import UnsupportedNormError, forward_example, read_norm
 from normlab.convert.select import is_qk_name
 from normlab.structure import BlockStack
 
@@ -76,21 +76,11 @@ def trace(model: nn.Module, example: Any, watched: list[nn.Module]) -> dict[int,
     for m in {id(m): m for m in watched}.values():
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example, Mapping):
-                model(**example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
+        forward_example(model, example)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return calls
 
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from normlab.diagnostics import lm_inputs, removal_sensitivity
 from normlab.models import GPT
 from normlab.studies.framework import (
+    BASE_GPT,
     Better,
     Claim,
     PlotSpec,
@@ -289,11 +290,7 @@ STUDY = register_study(
             "small": 1.0,
             "base": Size(
                 scale=12.5,
-                sets=(
-                    ("model.n_embd", 256),
-                    ("model.n_head", 8),
-                    ("train.block_size", 128),
-                ),
+                sets=BASE_GPT,
                 note="4 and 12 blocks of width 256 over 128 characters, 5,000 steps; about 1 GPU-hour, "
                 "estimated, not yet run",
             ),

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from normlab.diagnostics import dyt_alpha_relation
 from normlab.studies.framework import (
+    BASE_GPT,
     Better,
     Claim,
     Exceeds,
@@ -233,11 +234,7 @@ STUDY = register_study(
             "small": 1.0,
             "base": Size(
                 scale=8.0,
-                sets=(
-                    ("model.n_embd", 256),
-                    ("model.n_head", 8),
-                    ("train.block_size", 128),
-                ),
+                sets=BASE_GPT,
                 note="width 256 over 128 characters, 8x the steps; about 1 GPU-hour, estimated, not yet run",
             ),
         },

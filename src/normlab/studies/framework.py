@@ -685,6 +685,15 @@ class Size:
         return ", ".join(parts) + (f": {self.note}" if self.note else "")
 
 
+# The language-model studies' base rung: nanoGPT's shakespeare-char scale (width 384 over 256
+# characters) brought to 256 over 128, 8 heads of 32.
+BASE_GPT: tuple[tuple[str, Any], ...] = (
+    ("model.n_embd", 256),
+    ("model.n_head", 8),
+    ("train.block_size", 128),
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Study:
     """A registered study.

@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 from normlab.studies.framework import (
+    BASE_GPT,
     Better,
     Claim,
     PlotSpec,
@@ -220,12 +221,7 @@ STUDY = register_study(
             "small": 1.0,
             "base": Size(
                 scale=12.5,
-                sets=(
-                    ("model.n_embd", 256),
-                    ("model.n_head", 8),
-                    ("train.block_size", 128),
-                    ("model.widths", [32, 64, 128]),
-                ),
+                sets=(*BASE_GPT, ("model.widths", [32, 64, 128])),
                 note="GPT width 256 over 128 characters, 5,000 steps; CNN widths 32/64/128, 37,500 "
                 "steps; about 1 GPU-hour, estimated, not yet run",
             ),

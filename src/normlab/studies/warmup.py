@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from normlab.diagnostics import lm_inputs, model_loss
 from normlab.models import GPT
 from normlab.studies.framework import (
+    BASE_GPT,
     Better,
     Claim,
     PlotSpec,
@@ -252,11 +253,7 @@ STUDY = register_study(
             "small": 1.0,
             "base": Size(
                 scale=10.0,
-                sets=(
-                    ("model.n_embd", 256),
-                    ("model.n_head", 8),
-                    ("train.block_size", 128),
-                ),
+                sets=BASE_GPT,
                 note="width 256 over 128 characters, 5,000 steps (warm-ups 250 / 1,250); about 1 GPU-hour, "
                 "estimated, not yet run",
             ),
