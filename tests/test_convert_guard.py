@@ -482,3 +482,35 @@ def test_revert_after_a_guarded_conversion_is_bit_exact() -> None:
     revert(model, rep)
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
     assert torch.equal(model(X), ref)
+
+
+class _ScaledResidualBlock(nn.Module):
+    """A user's Post-LN block, DeepNorm-style when ``alpha != 1``: ``LN(alpha * x + f(x))``."""
+
+    def __init__(self, d: int, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.attn = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.ln2 = nn.LayerNorm(d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.ln1(self.alpha * x + self.attn(x))
+        return self.ln2(self.alpha * x + self.mlp(x))
+
+
+@pytest.mark.parametrize(("alpha", "placement"), [(1.0, "Post-LN"), (2.45, "DeepNorm-style Post-LN")])
+def test_inspect_tells_a_scaled_residual_from_post_ln(alpha: float, placement: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([_ScaledResidualBlock(16, alpha) for _ in range(3)])
+
+        def forward(self, x: Tensor) -> Tensor:
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    report = normlab.inspect(Net(), torch.randn(2, 5, 16))
+    assert list(report.placements) == [placement if alpha == 1.0 else f"{placement} (residual x alpha=2.45)"]

@@ -8,8 +8,10 @@ For any ``nn.Module`` (a normlab model, a Hugging Face, timm or torchvision mode
   output before the add (Peri-LN / sandwich), a query/key norm, the final norm, an embedding
   norm;
 * the placement of each block of the model's stack (:func:`~normlab.structure.find_blocks`):
-  Pre-LN, parallel Pre-LN (one norm feeds attention and MLP), Post-LN, Peri-LN / sandwich,
-  post-sublayer norms only, or normlab's own placement name (DeepNorm, B2T, Mix-LN, ...);
+  Pre-LN, parallel Pre-LN (one norm feeds attention and MLP), Post-LN, DeepNorm-style Post-LN
+  (the norm's input is ``alpha * x + f(x)`` with ``alpha != 1``, fitted from the traced
+  tensors), Peri-LN / sandwich, post-sublayer norms only, or normlab's own placement name
+  (DeepNorm, B2T, Mix-LN, ...);
 * for every site, the relation of each normlab conversion (``exact``, ``exact on zero-mean
   inputs``, new function, or the refusal), from dry runs of
   :func:`~normlab.convert.convert.convert_norms`, and whether LayerNorm Scaling applies.

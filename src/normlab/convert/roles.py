@@ -88,6 +88,26 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
+def residual_scale(x_in: Tensor, branches: list[Tensor], residuals: list[Tensor]) -> float | None:
+    """``alpha`` where ``x_in == alpha * r + o`` for one residual ``r`` and branch output ``o``
+    (least squares, then checked to 1e-4 of the input's scale), else ``None``: how a Post-LN
+    norm's input shows a DeepNorm-style scaled residual (Wang et al. 2022, arXiv:2203.00555)."""
+    x = x_in.double()
+    scale = float(x.abs().max()) or 1.0
+    for o in branches:
+        for r in residuals:
+            if o.shape != x.shape or r.shape != x.shape or o is r:
+                continue
+            d, r64 = x - o.double(), r.double()
+            rr = float((r64 * r64).sum())
+            if rr == 0.0:
+                continue
+            alpha = float((d * r64).sum()) / rr
+            if float((d - alpha * r64).abs().max()) <= 1e-4 * scale:
+                return alpha
+    return None
+
+
 def block_parts(blocks: list[tuple[str, nn.Module]]) -> list[nn.Module]:
     """What the roles are read from: each block's children, a list's items in its place."""
     parts: list[nn.Module] = []
@@ -178,7 +198,15 @@ def block_roles(
         reads = [n for n, _, c in subs if _same(x_in, c.output)]
         ends_owner = own is not None and _same(out, own[1].output)
         if post_ln and (feeds or ends_owner or rel in ends):
-            roles[rel] = "post (after the residual add)"
+            earlier = [c.output for m in norms.values() if (c := calls.get(id(m))) and c.order < call.order]
+            residuals = [
+                t for t in (*(block_call.inputs[:1] if block_call else []), *earlier) if t is not None
+            ]
+            alpha = residual_scale(x_in, [c.output for _, _, c in subs if c.output is not None], residuals)
+            if alpha is not None and abs(alpha - 1.0) > 1e-3:
+                roles[rel] = f"post (after a residual add scaled by alpha={alpha:.3g}: DeepNorm-style)"
+            else:
+                roles[rel] = "post (after the residual add)"
         elif len(feeds) >= 2:
             roles[rel] = "pre (parallel: " + ", ".join(feeds) + ")"
         elif feeds:
@@ -197,8 +225,9 @@ def block_roles(
 
 
 def placement_of(block: nn.Module, roles: Mapping[str, str]) -> str:
-    """The placement a block's norm roles make: Pre-LN, parallel Pre-LN, Post-LN, Peri-LN /
-    sandwich, sublayer-output norms only, mixed; a normlab block says its own placement."""
+    """The placement a block's norm roles make: Pre-LN, parallel Pre-LN, Post-LN (DeepNorm-style
+    where a residual is scaled), Peri-LN / sandwich, sublayer-output norms only, mixed; a normlab
+    block says its own placement."""
     reg = getattr(block, "registry_name", None)
     if isinstance(reg, str) and hasattr(block, "norm_attn"):
         return f"{reg} (normlab placement)"
@@ -217,7 +246,8 @@ def placement_of(block: nn.Module, roles: Mapping[str, str]) -> str:
     if sub and not pre and not post:
         return "sublayer-output norms only (res-post-norm)"
     if post and not pre and not sub:
-        return "Post-LN"
+        scaled = sorted({r.split("alpha=")[1].split(":")[0] for r in roles.values() if "DeepNorm-style" in r})
+        return f"DeepNorm-style Post-LN (residual x alpha={', '.join(scaled)})" if scaled else "Post-LN"
     return "mixed (" + ", ".join(sorted(kinds)) + ")"
 
 
