@@ -438,5 +438,4 @@ void for_fixed_chunks(int64_t n, int64_t chunks, const F& f) {
   });
 }
 
-
 }  // namespace normlab
