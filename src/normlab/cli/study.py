@@ -73,11 +73,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     runner: Any = run_study
     extra: dict[str, Any] = {}
     if args.robust:
-        from normlab.studies.robust import run_robust, second_corpus
+        from normlab.studies.robust import run_robust  # it checks --corpus2 before any run
 
-        second_corpus(options.corpus, args.corpus2)  # a clash is an error before any run
-        if args.corpus2 is not None:
-            StudyOptions(corpus=args.corpus2)  # a missing, empty or binary file: before any run
         runner, extra = run_robust, {"corpus2": args.corpus2}
     try:
         results: dict[str, Any] = runner(

@@ -20,6 +20,7 @@ from typing import Any
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
 from normlab.studies.plan import ERROR_FILE, SCHEDULE_FILE, load_plan, run_dir
+from normlab.studies.robust import NOT_ROBUST, ROBUST, ROBUST_FILE, SAME_DATA
 from normlab.studies.stats import welch_interval
 from normlab.train.logger import json_safe, read_jsonl, summarize
 from normlab.train.rundir import METRICS_FILE, RESULT_FILE, write_json
@@ -171,7 +172,7 @@ def collect(study_dir: str | os.PathLike[str], *, study: Study | None = None) ->
 
 def _robustness(study_dir: Path) -> dict[str, Any]:
     """``robust.json`` of a ``--robust`` study (:mod:`normlab.studies.robust`), else ``{}``."""
-    path = study_dir / "robust.json"
+    path = study_dir / ROBUST_FILE
     if not path.is_file():
         return {}
     data: dict[str, Any] = json.loads(path.read_text())
@@ -519,7 +520,7 @@ def render_markdown(study_dir: Path, results: Mapping[str, Any]) -> str:
     if results.get("robust"):
         rob = results["robust"]
         marks = [c["robust"]["mark"] for c in results["claims"] if "robust" in c]
-        tally = ", ".join(f"{marks.count(m)} {m}" for m in ("robust", "not robust", "same data"))
+        tally = ", ".join(f"{marks.count(m)} {m}" for m in (ROBUST, NOT_ROBUST, SAME_DATA))
         lines += ["", f"Robustness (`--robust`): the same plan on corpus `{rob['corpus2']}` (in "
                   f"`{rob['dir']}/`, its own report there): {tally}. A claim is robust when both "
                   "corpora give the same verdict; *same data*: its runs read no text, so the "

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from normlab.studies.framework import Study, StudyOptions
+from normlab.studies.framework import RunSpec, Study, StudyOptions
 from normlab.train.config import config_hash
 from normlab.train.rundir import write_json
 
@@ -45,10 +45,10 @@ def second_corpus(first: str, corpus2: str | None) -> str:
     return second
 
 
-def shared_keys(study: Study, options: StudyOptions, options2: StudyOptions) -> set[str]:
-    """Keys of the runs whose config does not change with the corpus."""
-    first = {s.key: config_hash(s.config) for s in study.specs(options)}
-    return {s.key for s in study.specs(options2) if first.get(s.key) == config_hash(s.config)}
+def shared_keys(specs: list[RunSpec], specs2: list[RunSpec]) -> set[str]:
+    """Keys of the runs whose config is the same in both grids (it does not read the corpus)."""
+    first = {s.key: config_hash(s.config) for s in specs}
+    return {s.key for s in specs2 if first.get(s.key) == config_hash(s.config)}
 
 
 def compare(
@@ -77,10 +77,8 @@ def compare(
     return {"corpus": corpora[0], "corpus2": corpora[1], "dir": ROBUST_DIR, "claims": claims}
 
 
-def same_data_claims(study: Study, options: StudyOptions, options2: StudyOptions) -> set[str]:
-    """Ids of the claims all of whose runs have the same config on both corpora."""
-    shared = shared_keys(study, options, options2)
-    specs = study.specs(options)
+def same_data_claims(study: Study, specs: list[RunSpec], shared: set[str]) -> set[str]:
+    """Ids of the claims all of whose runs (in ``specs``) are ``shared`` by both corpora."""
     out = set()
     for claim in study.claims:
         sides = [side for side in (claim.a, claim.b) if side is not None]
@@ -108,20 +106,20 @@ def run_robust(
     out = Path(out)
     corpus = second_corpus(options.corpus, corpus2)
     options2 = dataclasses.replace(options, corpus=corpus)  # validates a corpus file first
-    if not any(getattr(s.config.task, "level", None) for s in study.specs(study.resolve(options))):
+    resolved = study.resolve(options)
+    every = dataclasses.replace(resolved, seeds=resolved.max_seeds or resolved.seeds)  # up to the cap
+    specs, specs2 = study.specs(every), study.specs(dataclasses.replace(every, corpus=corpus))
+    if not any(getattr(s.config.task, "level", None) for s in specs):
         raise ValueError(f"--robust: study {study.name!r} trains no language model: no run reads a corpus")
+    shared = shared_keys(specs, specs2)
     results = run_study(study, out, options=options, resume=resume, echo=echo, **run_kwargs)
     echo(f"\nrobustness: the same study on corpus {corpus!r} in {out / ROBUST_DIR}")
-    out2 = out / ROBUST_DIR
-    resolved, resolved2 = study.resolve(options), study.resolve(options2)
-    cap = resolved.max_seeds or resolved.seeds
-    full = dataclasses.replace(resolved, seeds=cap)
-    full2 = dataclasses.replace(resolved2, seeds=cap)
-    shared = shared_keys(study, full, full2)
     if shared:
         echo(f"{len(shared)} run(s) read no text: their finished runs are copied, not retrained")
-    results2 = run_study(study, out2, options=options2, resume=resume, echo=echo, reuse=out, **run_kwargs)
-    same = same_data_claims(study, full, full2)
+    results2 = run_study(
+        study, out / ROBUST_DIR, options=options2, resume=resume, echo=echo, reuse=out, **run_kwargs
+    )
+    same = same_data_claims(study, specs, shared)
     robust = compare(results, results2, same_data=same, corpora=(options.corpus, corpus))
     write_json(out / ROBUST_FILE, robust)
     failed = {**results.get("failed_runs", {}), **results2.get("failed_runs", {})}
