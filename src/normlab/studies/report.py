@@ -20,12 +20,15 @@ from typing import Any
 from normlab._atomic import atomic_write_bytes
 from normlab.studies.framework import STUDIES, MetricFn, Stats, Study, rule_from_dict
 from normlab.studies.plan import ERROR_FILE, SCHEDULE_FILE, load_plan, run_dir
-from normlab.studies.robust import NOT_ROBUST, ROBUST, ROBUST_FILE, SAME_DATA
 from normlab.studies.stats import welch_interval
 from normlab.train.logger import json_safe, read_jsonl, summarize
 from normlab.train.rundir import METRICS_FILE, RESULT_FILE, write_json
 
 NOT_NEEDED = "not needed"  # a run sequential seeding did not schedule
+# ``--robust`` (normlab.studies.robust): the file it writes beside the plan, and its marks
+ROBUST_FILE = "robust.json"
+ROBUST, NOT_ROBUST, SAME_DATA = "robust", "not robust", "same data"
+
 VERDICT_MARK = {
     "reproduced": "reproduced",
     "not reproduced": "NOT reproduced",

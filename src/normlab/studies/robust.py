@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from normlab.studies.framework import RunSpec, Study, StudyOptions
+from normlab.studies.report import NOT_ROBUST, ROBUST, ROBUST_FILE, SAME_DATA, write_report
+from normlab.studies.runner import run_study
 from normlab.train.config import config_hash
 from normlab.train.rundir import write_json
 
 ROBUST_DIR = "robust"
-ROBUST_FILE = "robust.json"
-ROBUST = "robust"
-NOT_ROBUST = "not robust"
-SAME_DATA = "same data"
 
 
 def second_corpus(first: str, corpus2: str | None) -> str:
@@ -100,9 +98,6 @@ def run_robust(
 ) -> dict[str, Any]:
     """:func:`~normlab.studies.runner.run_study` on ``options.corpus``, then on a second corpus
     (``--out/robust``), then the report of the first with each claim marked (see the module)."""
-    from normlab.studies.report import write_report
-    from normlab.studies.runner import run_study
-
     out = Path(out)
     corpus = second_corpus(options.corpus, corpus2)
     options2 = dataclasses.replace(options, corpus=corpus)  # validates a corpus file first
