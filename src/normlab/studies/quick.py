@@ -31,7 +31,13 @@ LM steps at lr 3e-3, 500 image steps, 5 seeds) left every Post-LN seed on the un
 Post-LN at), the Pre-LN seeds 2.62-3.22 apart (training had not settled), and both CNNs near 45%
 test accuracy (1,000 images seen). The steps here are 2x (LM) and 6x (images) those. The first
 run of this design capped the seeds at 6, where GroupNorm against BatchNorm was still
-inconclusive (0.733 +- 0.010 vs 0.747 +- 0.014); the cap was then raised to 8, and nothing else.
+inconclusive (0.733 +- 0.010 vs 0.747 +- 0.014); the cap was then raised to 8. At 8 seeds the
+claim was still inconclusive (paired gain -0.014, 95% CI [-0.031, 0.003]) with test accuracy
+measured on 2,000 of the 10,000 test images, whose sampling error alone (sd about 0.01 per
+model) is of the size of the effect the claim asks for; the test accuracy is now measured on the
+whole test split, as Wu & He measure on the whole ImageNet validation set. That change was made
+after seeing the inconclusive run, for precision; the rule, the cap and the training are as
+before.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ LM_STEPS = 400
 IMG_STEPS = 3000
 LR = 1e-3
 WARMUP = 100  # a quarter of the run
+N_TEST = 10000  # the whole test split (Fashion-MNIST's; the MNIST-5k fallback has fewer)
 
 
 def _lm(options: StudyOptions) -> Any:
@@ -96,7 +103,7 @@ def _img(options: StudyOptions) -> Any:
         task = ImageTask(
             dataset=options.images,
             n_train=10000,
-            n_test=2000,
+            n_test=N_TEST,
             convnet={"arch": "plain", "widths": (16, 32, 64), "depth": 2, "norm": norm},
         )
         train = TrainConfig(
