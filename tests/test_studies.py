@@ -181,6 +181,23 @@ def test_claims_must_select_runs() -> None:
         Study(**{**study.__dict__, "claims": (bad,)}).specs(StudyOptions(seeds=1))
 
 
+def test_a_contrast_side_reads_two_cells_and_both_must_exist() -> None:
+    pre = Side(label="Pre-LN", group="lm", where={"placement": "pre"})
+    gain = Side(label="gain", group="lm", where={"placement": "post"}, minus=pre)
+    assert gain.selects("lm", {"placement": "pre"}) and gain.selects("lm", {"placement": "post"})
+    assert not gain.own("lm", {"placement": "pre"}) and not gain.selects("lm", {"placement": "lns"})
+    assert [c.label for c in gain.cells()] == ["gain", "Pre-LN"] and gain.cells()[0].minus is None
+    assert gain.to_dict()["minus"] == pre.to_dict() and "minus" not in pre.to_dict()
+    with pytest.raises(ValueError, match="minus must be a plain side"):
+        Side(label="x", group="lm", minus=gain)
+    study = toy_study()
+    missing = Side(label="gain", group="lm", where={"placement": "pre"},
+                   minus=Side(label="DeepNorm", group="lm", where={"placement": "deepnorm"}))  # fmt: skip
+    bad = Claim(id="x", text="x", paper="x", metric="val_loss", a=missing, rule=Exceeds(value=0.0))
+    with pytest.raises(ValueError, match="side 'DeepNorm' selects no run"):
+        Study(**{**study.__dict__, "claims": (bad,)}).specs(StudyOptions(seeds=1))
+
+
 def test_quick_study_is_well_formed() -> None:
     study = get_study("quick")
     specs = study.specs(StudyOptions())

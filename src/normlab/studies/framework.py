@@ -580,17 +580,38 @@ def rule_from_dict(d: Mapping[str, Any]) -> Rule:
 
 @dataclass(frozen=True, kw_only=True)
 class Side:
-    """The runs of a study whose ``group`` is ``group`` and whose params include ``where``."""
+    """The runs of a study whose ``group`` is ``group`` and whose params include ``where``.
+
+    With ``minus``, a contrast: its value for a seed is this cell's value minus ``minus``'s
+    (the seeds measured in both), so that a claim can compare two effects, for example
+    "the gain of LNS over Pre-LN is larger at 24 blocks than at 4" (an interaction).
+    """
 
     label: str
     group: str
     where: Mapping[str, Any] = field(default_factory=dict)
+    minus: Side | None = None
 
-    def selects(self, spec_group: str, params: Mapping[str, Any]) -> bool:
+    def __post_init__(self) -> None:
+        if self.minus is not None and self.minus.minus is not None:
+            raise ValueError(f"Side {self.label!r}: minus must be a plain side, not a contrast")
+
+    def own(self, spec_group: str, params: Mapping[str, Any]) -> bool:
+        """Whether the run is one of this side's own cell (not of ``minus``)."""
         return spec_group == self.group and all(params.get(k) == v for k, v in self.where.items())
 
+    def selects(self, spec_group: str, params: Mapping[str, Any]) -> bool:
+        """Whether the side reads the run (its own cell's or, for a contrast, ``minus``'s)."""
+        return self.own(spec_group, params) or (self.minus is not None and self.minus.own(spec_group, params))
+
+    def cells(self) -> tuple[Side, ...]:
+        """The plain sides it reads: itself (without ``minus``), then ``minus``."""
+        plain = dataclasses.replace(self, minus=None)
+        return (plain,) if self.minus is None else (plain, self.minus)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "group": self.group, "where": dict(self.where)}
+        d = {"label": self.label, "group": self.group, "where": dict(self.where)}
+        return d if self.minus is None else {**d, "minus": self.minus.to_dict()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -782,10 +803,11 @@ class Study:
             raise ValueError(f"study {self.name!r}: duplicate run keys {dup[:5]}")
         for claim in self.claims:
             for side in (claim.a, claim.b):
-                if side is not None and not any(side.selects(s.group, s.params) for s in specs):
-                    raise ValueError(
-                        f"study {self.name!r}: claim {claim.id!r} side {side.label!r} selects no run"
-                    )
+                for cell in side.cells() if side is not None else ():
+                    if not any(cell.own(s.group, s.params) for s in specs):
+                        raise ValueError(
+                            f"study {self.name!r}: claim {claim.id!r} side {cell.label!r} selects no run"
+                        )
         return specs
 
 

@@ -321,17 +321,33 @@ def _measured(run: Mapping[str, Any], metric: str) -> bool:
     return run["status"] == "finished" and _finite(run["metrics"].get(metric))
 
 
+def _seed_values(side: Mapping[str, Any], metric: str, runs: Mapping[str, Any]) -> dict[int, float]:
+    """Seed -> the side's value of ``metric`` over its finished runs that measured it; for a
+    contrast (``minus``), its cell's value minus ``minus``'s, over the seeds measured in both."""
+
+    def plain(cell: Mapping[str, Any]) -> dict[int, float]:
+        return {
+            int(r["seed"]): float(r["metrics"][metric])
+            for r in _side_runs(cell, runs)
+            if _measured(r, metric)
+        }
+
+    own = plain(side)
+    if side.get("minus") is None:
+        return own
+    minus = plain(side["minus"])
+    return {seed: own[seed] - minus[seed] for seed in sorted(own.keys() & minus.keys())}
+
+
 def _side_stats(
     side: Mapping[str, Any], metric: str, runs: Mapping[str, Any], seeds: set[int] | None = None
 ) -> tuple[Stats, dict[str, Any]]:
     """The side's values of ``metric`` in seed order (only those of ``seeds``, if given)."""
-    chosen = [r for r in _side_runs(side, runs) if r["status"] != NOT_NEEDED]
+    cells = [side] + ([side["minus"]] if side.get("minus") is not None else [])
+    chosen = [r for cell in cells for r in _side_runs(cell, runs) if r["status"] != NOT_NEEDED]
     finished = [r for r in chosen if r["status"] == "finished"]
-    values = tuple(
-        r["metrics"][metric]
-        for r in finished
-        if _measured(r, metric) and (seeds is None or int(r["seed"]) in seeds)
-    )
+    by_seed = _seed_values(side, metric, runs)
+    values = tuple(v for seed, v in sorted(by_seed.items()) if seeds is None or seed in seeds)
     info = {
         "label": side["label"],
         "runs": len(chosen),
@@ -347,8 +363,7 @@ def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[s
     rule = rule_from_dict(claim["rule"])
     seeds = None
     if getattr(rule, "paired", False) and claim["b"] is not None:  # the seeds measured on both sides
-        seeds_a = {int(r["seed"]) for r in _side_runs(claim["a"], runs) if _measured(r, metric)}
-        seeds = seeds_a & {int(r["seed"]) for r in _side_runs(claim["b"], runs) if _measured(r, metric)}
+        seeds = _seed_values(claim["a"], metric, runs).keys() & _seed_values(claim["b"], metric, runs).keys()
     a, a_info = _side_stats(claim["a"], metric, runs, seeds)
     b, b_info = _side_stats(claim["b"], metric, runs, seeds) if claim["b"] is not None else (None, None)
     outcome = rule.evaluate(a, b)
