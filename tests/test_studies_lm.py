@@ -34,8 +34,9 @@ def _train(losses: list[float]) -> list[dict[str, Any]]:
 def test_depth_grid_is_well_formed() -> None:
     study = get_study("depth")
     specs = study.specs(StudyOptions())
-    assert len(specs) == 32 and len({s.cell for s in specs}) == 16
-    assert Counter(s.group for s in specs) == {"L4": 16, "L12": 16}
+    assert len(specs) == 42 and len({s.cell for s in specs}) == 21
+    assert Counter(s.group for s in specs) == {"L4": 16, "L12": 16, "L24": 10}
+    assert {s.params["arch"] for s in specs if s.group == "L24"} == set(depth_mod.DEEP_ARCHS)
     for spec in specs:
         gpt = spec.config.task.gpt  # type: ignore[union-attr]
         assert gpt["n_layer"] == int(spec.group[1:])
@@ -51,13 +52,17 @@ def test_depth_grid_is_well_formed() -> None:
         "b2t",
         "dyt",
     }
-    for claim in study.claims:  # each side picks exactly one cell, all its seeds
+    for claim in study.claims:  # each side picks one cell (a contrast two), all its seeds
         for side in (claim.a, claim.b):
             assert side is not None
-            assert len([s for s in specs if side.selects(s.group, s.params)]) == 2
+            assert len([s for s in specs if side.selects(s.group, s.params)]) == 2 * len(side.cells())
+            for cell in side.cells():
+                assert len([s for s in specs if cell.own(s.group, s.params)]) == 2
+    gain = next(c for c in study.claims if c.id == "lns-gain-grows")
+    assert gain.a.minus is not None and gain.a.group == "L24" and gain.b is not None and gain.b.group == "L4"
     json.dumps({"claims": [c.to_dict() for c in study.claims], "runs": [s.config.to_dict() for s in specs]})
     scaled = study.specs(StudyOptions(scale=0.02, seeds=1))
-    assert len(scaled) == 16 and {s.config.train.steps for s in scaled} == {round(0.02 * depth_mod.STEPS)}
+    assert len(scaled) == 21 and {s.config.train.steps for s in scaled} == {round(0.02 * depth_mod.STEPS)}
     assert {s.config.train.warmup for s in scaled} == {1}
     with pytest.raises(ValueError, match="arch must be one of"):
         depth_mod._lm(StudyOptions(), 4)(seed=0, arch="nope")
@@ -175,15 +180,17 @@ def test_init_grads_probe_measures_a_fresh_init_and_leaves_the_model_alone() -> 
 def test_depth_factory_runs_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     real = depth_mod.STUDY
 
-    def make_grid(options: StudyOptions) -> list[Any]:  # 2 blocks, named L12 so the claims apply
-        return grid("L12", depth_mod._lm(options, 2), seeds=options.seed_list, arch=["pre", "lns"])
+    def make_grid(options: StudyOptions) -> list[Any]:  # 2 blocks, named L4 / L24 so the claims apply
+        specs = grid("L4", depth_mod._lm(options, 2), seeds=options.seed_list, arch=["pre", "lns"])
+        return specs + grid("L24", depth_mod._lm(options, 2), seeds=options.seed_list, arch=["pre", "lns"])
 
+    ids = ("lns-val-loss-24", "lns-gain-grows", "lns-deep-blocks-matter")
     toy = Study(
         name="depth-toy",
         title="toy",
         question="toy",
         grid=make_grid,
-        claims=real.claims[:3],
+        claims=tuple(c for c in real.claims if c.id in ids),
         plots=real.plots[3:],
         metrics=real.metrics,
     )
@@ -196,19 +203,30 @@ def test_depth_factory_runs_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         progress=False,
         echo=lambda s: None,
     )
-    assert results["run_counts"] == {"finished": 4, "unfinished": 0, "failed": 0}
-    assert [c["id"] for c in results["claims"]] == [
-        "lns-val-loss-deep",
-        "lns-variance-deep",
-        "lns-deep-blocks-matter",
-    ]
-    run = results["runs"]["L12.arch-lns-s1"]
+    assert results["run_counts"] == {"finished": 8, "unfinished": 0, "failed": 0}
+    claims = {c["id"]: c for c in results["claims"]}
+    assert tuple(claims) == ids
+    runs = results["runs"]
+
+    def val(group: str, arch: str, seed: int) -> float:
+        return float(runs[f"{group}.arch-{arch}-s{seed}"]["metrics"]["val_loss"])
+
+    # the contrast of contrasts, per seed: (Pre - LNS) at L24 against (Pre - LNS) at L4
+    gains = {g: [val(g, "pre", s) - val(g, "lns", s) for s in (0, 1)] for g in ("L24", "L4")}
+    grows = claims["lns-gain-grows"]
+    assert grows["a"]["values"] == pytest.approx(gains["L24"]) and grows["b"]["values"] == pytest.approx(
+        gains["L4"]
+    )
+    assert grows["n"] == [2, 2] and grows["a"]["runs"] == 4
+    diff = [a - b for a, b in zip(gains["L24"], gains["L4"], strict=True)]
+    assert grows["numbers"]["gain"] == pytest.approx(sum(diff) / 2)
+    run = runs["L24.arch-lns-s1"]
     assert (
         run["steps"] == StudyOptions(scale=0.005).steps(depth_mod.STEPS)
         and len(run["probe"]["removal_delta"]) == 2
         and len(run["probe"]["resid_var"]) == 3
     )
-    cell = results["cells"]["L12.arch-pre"]["metrics"]
+    cell = results["cells"]["L24.arch-pre"]["metrics"]
     assert cell["loss_spikes"]["n"] == 2 and cell["val_loss"]["n"] == 2
     assert "removal_deep_share" in (out / "report.md").read_text()
 
