@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,36 @@ def test_the_trainer_takes_a_strategy_and_runs_in_its_steps(tmp_path: Path) -> N
     )  # finished
     with pytest.raises(ValueError, match="steps_per_epoch must be an int >= 1, got 0"):
         normlab.norms.TrainingHooks(torch.nn.Linear(2, 2), steps_per_epoch=0)
+
+
+def test_lr_mult_trains_the_named_parameters_at_a_multiple_of_the_lr(tmp_path: Path) -> None:
+    task = LMTask(block_size=16, gpt={**TINY_GPT, "norm": "dyt"}, eval_batches=1, eval_batch_size=4)
+    train_cfg = TrainConfig(steps=1, batch_size=4, lr=0.5, optimizer="sgd", momentum=0.0, schedule="constant",
+                            lr_mult={"alpha": 10.0}, ckpt_every=0)  # fmt: skip
+    config = RunConfig(task=task, train=train_cfg)
+    trainer = Trainer(config, tmp_path / "run", task=lm_runtime(config))
+    trainer.run_dir.mkdir()
+    with ExitStack() as stack:
+        trainer.setup(stack)
+        before = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+        assert trainer.step(0)
+    names = {id(p): n for n, p in trainer.net.named_parameters()}
+    groups = trainer.optimizer.param_groups
+    assert [(g.get("lr_mult", 1.0), g["lr"]) for g in groups] == [(1.0, 0.5), (1.0, 0.5), (10.0, 5.0)]
+    alphas = sorted(names[id(p)] for p in groups[2]["params"])
+    assert alphas == sorted(n for n in names.values() if n.endswith(".alpha"))
+    assert len(alphas) == 2 * TINY_GPT["n_layer"] + 1  # two per block and the final norm
+    for group in groups:  # plain SGD: each parameter moved by -(its group's lr) x its gradient
+        for p in group["params"]:
+            assert p.grad is not None
+            moved = p.detach() - before[names[id(p)]]
+            torch.testing.assert_close(moved, -group["lr"] * p.grad, rtol=1e-4, atol=1e-6)  # float32 steps
+    params = dict(trainer.net.named_parameters())
+    assert max(float((params[n].detach() - before[n]).abs().max()) for n in alphas) > 1e-4
+    again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and "lr_mult" not in lm_config().to_dict()["train"]  # older hashes kept
+    with pytest.raises(ValueError, match=r"lr_mult: \['gamma'\] name no trainable parameter of GPT"):
+        normlab.train.optim.make_optimizer(trainer.net, lm_config(lr_mult={"gamma": 2.0}).train)
+    for bad in ({"alpha": 0.0}, {"alpha": float("nan")}, {}, {"": 2.0}):
+        with pytest.raises(ValueError, match="lr_mult"):
+            TrainConfig(steps=1, batch_size=1, lr=1e-3, lr_mult=bad)

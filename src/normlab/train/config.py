@@ -57,6 +57,10 @@ class TrainConfig:
         monitor_every: run a :class:`normlab.monitor.NormMonitor` measuring every this many
             steps into the run's ``monitor.jsonl`` (``normlab report-monitor`` plots it); 0: none.
             It only reads the forward and backward: the run trains bit for bit as without it.
+        lr_mult: parameter name -> multiplier of the learning rate: every parameter whose name
+            is the key or ends with ``"." + key`` (``{"alpha": 20.0}``: every DyT's ``alpha``)
+            trains at ``lr * multiplier`` in its own parameter group, under the same schedule;
+            a key that names no parameter of the model is an error.
     """
 
     steps: int
@@ -80,7 +84,8 @@ class TrainConfig:
     aux_loss_weight: float = 1.0
     deterministic: bool = True
     monitor_every: int = 0
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("monitor_every",)
+    lr_mult: dict[str, float] | None = None
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("monitor_every", "lr_mult")
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -107,6 +112,24 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"{owner}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.lr_mult is not None:
+            if not isinstance(self.lr_mult, Mapping) or not self.lr_mult:
+                raise ValueError(
+                    f"{owner}: lr_mult must be a non-empty mapping name -> multiplier, got {self.lr_mult!r}"
+                )
+            for key, mult in self.lr_mult.items():
+                ok = (
+                    isinstance(mult, (int, float))
+                    and not isinstance(mult, bool)
+                    and math.isfinite(mult)
+                    and mult > 0
+                )
+                if not (isinstance(key, str) and key and ok):
+                    raise ValueError(
+                        f"{owner}: lr_mult[{key!r}] must be a finite number > 0 (for a parameter name), "
+                        f"got {mult!r}"
+                    )
+            object.__setattr__(self, "lr_mult", {str(k): float(v) for k, v in self.lr_mult.items()})
 
 
 @dataclass(frozen=True, kw_only=True)

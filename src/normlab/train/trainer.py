@@ -210,7 +210,7 @@ class Trainer:
             step, schedule=cfg.schedule, total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         value, failed = self._accumulate(step)
