@@ -340,13 +340,16 @@ def _seed_values(side: Mapping[str, Any], metric: str, runs: Mapping[str, Any]) 
 
 
 def _side_stats(
-    side: Mapping[str, Any], metric: str, runs: Mapping[str, Any], seeds: set[int] | None = None
+    side: Mapping[str, Any],
+    by_seed: Mapping[int, float],
+    runs: Mapping[str, Any],
+    seeds: set[int] | None = None,
 ) -> tuple[Stats, dict[str, Any]]:
-    """The side's values of ``metric`` in seed order (only those of ``seeds``, if given)."""
+    """The side's values (``by_seed``, from :func:`_seed_values`) in seed order (only those of
+    ``seeds``, if given), and its run counts."""
     cells = [side] + ([side["minus"]] if side.get("minus") is not None else [])
     chosen = [r for cell in cells for r in _side_runs(cell, runs) if r["status"] != NOT_NEEDED]
     finished = [r for r in chosen if r["status"] == "finished"]
-    by_seed = _seed_values(side, metric, runs)
     values = tuple(v for seed, v in sorted(by_seed.items()) if seeds is None or seed in seeds)
     info = {
         "label": side["label"],
@@ -361,11 +364,13 @@ def _side_stats(
 def _evaluate_claim(claim: Mapping[str, Any], runs: Mapping[str, Any]) -> dict[str, Any]:
     metric = claim["metric"]
     rule = rule_from_dict(claim["rule"])
+    values_a = _seed_values(claim["a"], metric, runs)
+    values_b = _seed_values(claim["b"], metric, runs) if claim["b"] is not None else None
     seeds = None
-    if getattr(rule, "paired", False) and claim["b"] is not None:  # the seeds measured on both sides
-        seeds = _seed_values(claim["a"], metric, runs).keys() & _seed_values(claim["b"], metric, runs).keys()
-    a, a_info = _side_stats(claim["a"], metric, runs, seeds)
-    b, b_info = _side_stats(claim["b"], metric, runs, seeds) if claim["b"] is not None else (None, None)
+    if getattr(rule, "paired", False) and values_b is not None:  # the seeds measured on both sides
+        seeds = values_a.keys() & values_b.keys()
+    a, a_info = _side_stats(claim["a"], values_a, runs, seeds)
+    b, b_info = _side_stats(claim["b"], values_b, runs, seeds) if values_b is not None else (None, None)
     outcome = rule.evaluate(a, b)
 
     def side_text(s: Stats, info: Mapping[str, Any]) -> str:
