@@ -13,8 +13,13 @@ from normlab.train.config import TrainConfig
 __all__ = ["deterministic", "grad_norm", "make_optimizer"]
 
 
+def _named_by(name: str, key: str) -> bool:
+    """Whether ``key`` of ``TrainConfig.lr_mult`` names the parameter ``name``."""
+    return name == key or name.endswith("." + key)
+
+
 def _lr_mult(name: str, lr_mult: dict[str, float]) -> float:
-    hits = [m for key, m in lr_mult.items() if name == key or name.endswith("." + key)]
+    hits = [m for key, m in lr_mult.items() if _named_by(name, key)]
     if len(set(hits)) > 1:
         raise ValueError(
             f"TrainConfig.lr_mult: parameter {name!r} matches keys with different multipliers {lr_mult}"
@@ -27,7 +32,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     parameters in groups of their own (the Trainer sets each group's lr to ``lr * lr_mult``)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     lr_mult = cfg.lr_mult or {}
-    unused = sorted(k for k in lr_mult if not any(n == k or n.endswith("." + k) for n, _ in named))
+    unused = sorted(k for k in lr_mult if not any(_named_by(n, k) for n, _ in named))
     if unused:
         raise ValueError(
             f"TrainConfig.lr_mult: {unused} name no trainable parameter of {type(model).__name__} "
